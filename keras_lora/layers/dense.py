@@ -1,0 +1,78 @@
+"""`LoRADense`: a `keras.layers.Dense` with a trainable low-rank update."""
+
+import keras
+from keras import ops
+
+from keras_lora.layers.lora_layer import LoRALayer
+
+
+@keras.saving.register_keras_serializable(package="keras_lora")
+class LoRADense(LoRALayer, keras.layers.Dense):
+    """Dense layer with a frozen kernel and a trainable rank-r update.
+
+    Computes `activation(x W + b + s · ((dropout(x) A) B))` with A of shape
+    `(d_in, rank)`, B of shape `(rank, units)` and `s = alpha / rank`
+    (`alpha / sqrt(rank)` with `use_rslora`). `W` and `b` are frozen; only
+    `lora_a` and `lora_b` train. The full `d_in × units` update is never built
+    in a step. A starts He-uniform and B at zero, so a fresh layer computes
+    exactly what its base `Dense` computes.
+
+    Args:
+        units: positive int, dimensionality of the output space.
+        rank: positive int, the rank r of the update (at most
+            `min(d_in, units)`).
+        alpha: positive float or None; the update is scaled by `alpha / rank`.
+            Defaults to `rank` (scale 1).
+        dropout: float in [0, 1), dropout on the LoRA path's input in training.
+        use_rslora: bool; scale by `alpha / sqrt(rank)` (rsLoRA) instead.
+        a_initializer: initializer of A (`"he_uniform"`).
+        b_initializer: initializer of B (`"zeros"`).
+        **kwargs: any `keras.layers.Dense` argument (`activation`,
+            `use_bias`, `kernel_initializer`, `name`, `dtype`, ...).
+
+    Example:
+
+    >>> layer = keras_lora.LoRADense(16, rank=4, alpha=8)
+    >>> y = layer(np.ones((2, 32)))
+    >>> [v.name for v in layer.trainable_weights]
+    ['lora_a', 'lora_b']
+    """
+
+    _lora_base = keras.layers.Dense
+
+    def __init__(
+        self,
+        units,
+        rank=8,
+        alpha=None,
+        dropout=0.0,
+        use_rslora=False,
+        a_initializer="he_uniform",
+        b_initializer="zeros",
+        **kwargs,
+    ):
+        super().__init__(units, **kwargs)
+        self._init_lora(rank, alpha, dropout, use_rslora, a_initializer, b_initializer)
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        self._build_lora()
+
+    def _lora_layout(self):
+        d_in, d_out = self._kernel.shape
+        return (d_in, self.rank), (self.rank, d_out), d_in, d_out
+
+    @property
+    def lora_merge_equation(self):
+        return "ir,ro->io"
+
+    def call(self, inputs, training=None):
+        a, b = self._lora_factors()
+        x = ops.matmul(inputs, self._kernel)
+        low_rank = ops.matmul(self._lora_input(inputs, training), a)
+        x = ops.add(x, ops.matmul(self._scaled(low_rank), b))
+        if self.bias is not None:
+            x = ops.add(x, self.bias)
+        if self.activation is not None:
+            x = self.activation(x)
+        return x

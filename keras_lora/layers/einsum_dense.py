@@ -1,0 +1,160 @@
+"""`LoRAEinsumDense`: a `keras.layers.EinsumDense` with the paper's rank-r update.
+
+The kernel's axes are split by the equation into input axes (contracted with
+the input), output axes (only in the output) and group axes (in the input and
+the output: one factor pair per group). ΔW is a rank-r matrix between the
+flattened input axes and the flattened output axes, as in the paper: for a
+query kernel `(hidden, heads, head_dim)`, A is `(hidden, r)` and B is
+`(r, heads, head_dim)`. (Keras's own `EinsumDense.enable_lora` factorises only
+the last axis, which is not the paper's update and costs far more parameters.)
+"""
+
+import math
+import re
+import string
+
+import keras
+from keras import ops
+
+from keras_lora.layers.lora_layer import LoRALayer
+
+_EQUATION = re.compile(r"([a-zA-Z]*(?:\.\.\.)?[a-zA-Z]*),([a-zA-Z]+)->(\S+)")
+
+
+def split_einsum_equation(equation):
+    """Splits an EinsumDense equation into the equations of the LoRA path.
+
+    Args:
+        equation: an equation `EinsumDense` accepts, e.g. `"abc,cde->abde"`.
+
+    Returns:
+        A dict with `group_axes`, `input_axes`, `output_axes` (kernel axis
+        letters, in kernel order), `kernel` (the kernel's letters) and three
+        einsum equations: `down` (x, A -> low-rank h), `up` (h, B -> output)
+        and `merge` (A, B -> ΔW laid out like the kernel).
+
+    Raises:
+        ValueError: if the equation is malformed or has no input or no output
+            axis in its kernel.
+    """
+    match = _EQUATION.fullmatch(equation) if isinstance(equation, str) else None
+    if match is None:
+        raise ValueError(
+            "`equation` must be an EinsumDense equation such as 'abc,cd->abd'. "
+            f"Received: equation={equation!r}"
+        )
+    inputs, kernel, output = match.groups()
+    letters = lambda spec: spec.replace("...", "")  # noqa: E731
+    in_letters, out_letters = set(letters(inputs)), set(letters(output))
+    group = [c for c in kernel if c in in_letters and c in out_letters]
+    contracted = [c for c in kernel if c in in_letters and c not in out_letters]
+    produced = [c for c in kernel if c in out_letters and c not in in_letters]
+    orphan = [c for c in kernel if c not in in_letters and c not in out_letters]
+    if not contracted or not produced or orphan or len(set(kernel)) != len(kernel):
+        raise ValueError(
+            "LoRA needs an `equation` whose kernel has at least one axis "
+            "contracted with the input, at least one axis that only the output "
+            "has, and no axis that is summed away or repeated. "
+            f"Received: equation={equation!r}"
+        )
+    rank_axis = next(c for c in string.ascii_letters if c not in equation)
+    a_spec = "".join(group + contracted) + rank_axis
+    b_spec = "".join(group) + rank_axis + "".join(produced)
+    # The low-rank intermediate keeps every input axis the output keeps.
+    hidden = "".join(
+        token
+        for token in re.findall(r"\.\.\.|[a-zA-Z]", inputs)
+        if token == "..." or token in out_letters
+    )
+    hidden += rank_axis
+    return {
+        "group_axes": group,
+        "input_axes": contracted,
+        "output_axes": produced,
+        "kernel": kernel,
+        "down": f"{inputs},{a_spec}->{hidden}",
+        "up": f"{hidden},{b_spec}->{output}",
+        "merge": f"{a_spec},{b_spec}->{kernel}",
+    }
+
+
+@keras.saving.register_keras_serializable(package="keras_lora")
+class LoRAEinsumDense(LoRALayer, keras.layers.EinsumDense):
+    """EinsumDense layer with a frozen kernel and a trainable rank-r update.
+
+    Computes `einsum(equation, x, W) + b + s · ((dropout(x) · A) · B)`, where
+    A maps the kernel's flattened input axes to rank r and B maps r to its
+    flattened output axes (one pair per group axis, if any). Only `lora_a` and
+    `lora_b` train; a fresh layer equals its base `EinsumDense` exactly.
+
+    Args:
+        equation: an equation `keras.layers.EinsumDense` accepts.
+        output_shape: the output shape, as for `EinsumDense`.
+        rank: positive int, at most `min(d_in, d_out)` of the flattened axes.
+        alpha: positive float or None (defaults to `rank`); scale alpha/rank.
+        dropout: float in [0, 1), dropout on the LoRA path's input in training.
+        use_rslora: bool; scale by `alpha / sqrt(rank)` instead.
+        a_initializer: initializer of A (`"he_uniform"`).
+        b_initializer: initializer of B (`"zeros"`).
+        **kwargs: any `EinsumDense` argument (`bias_axes`, `activation`, ...).
+
+    Example:
+
+    >>> query = keras_lora.LoRAEinsumDense(
+    ...     "abc,cde->abde", output_shape=(None, 4, 16), rank=8
+    ... )
+    >>> query(np.ones((2, 10, 64))).shape
+    (2, 10, 4, 16)
+    >>> query.lora_a.shape, query.lora_b.shape
+    ((64, 8), (8, 4, 16))
+    """
+
+    _lora_base = keras.layers.EinsumDense
+
+    def __init__(
+        self,
+        equation,
+        output_shape,
+        rank=8,
+        alpha=None,
+        dropout=0.0,
+        use_rslora=False,
+        a_initializer="he_uniform",
+        b_initializer="zeros",
+        **kwargs,
+    ):
+        split_einsum_equation(equation)  # fail early on an unsupported equation
+        super().__init__(equation, output_shape, **kwargs)
+        self._init_lora(rank, alpha, dropout, use_rslora, a_initializer, b_initializer)
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        self._build_lora()
+
+    def _lora_layout(self):
+        self._lora_equations = split_einsum_equation(self.equation)
+        kernel_axes = self._lora_equations["kernel"]
+        size = dict(zip(kernel_axes, self._kernel.shape))
+        dims = lambda axes: [size[c] for c in axes]  # noqa: E731
+        groups = dims(self._lora_equations["group_axes"])
+        d_in = dims(self._lora_equations["input_axes"])
+        d_out = dims(self._lora_equations["output_axes"])
+        a_shape = tuple(groups + d_in + [self.rank])
+        b_shape = tuple(groups + [self.rank] + d_out)
+        return a_shape, b_shape, math.prod(d_in), math.prod(d_out)
+
+    @property
+    def lora_merge_equation(self):
+        return self._lora_equations["merge"]
+
+    def call(self, inputs, training=None):
+        a, b = self._lora_factors()
+        equations = self._lora_equations
+        x = ops.einsum(self.equation, inputs, self._kernel)
+        low_rank = ops.einsum(equations["down"], self._lora_input(inputs, training), a)
+        x = ops.add(x, ops.einsum(equations["up"], self._scaled(low_rank), b))
+        if self.bias is not None:
+            x = ops.add(x, self.bias)
+        if self.activation is not None:
+            x = self.activation(x)
+        return x

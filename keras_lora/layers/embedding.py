@@ -1,0 +1,164 @@
+"""`LoRAEmbedding` and `LoRAReversibleEmbedding`: embeddings with a rank-r update."""
+
+import keras
+from keras import ops
+from keras.src.backend import set_keras_mask
+
+from keras_lora.layers.lora_layer import LoRALayer
+
+# PEFT's choice for embeddings: the gathered factor starts at zero and the
+# other one is random, so ΔW = 0 at start and both factors get gradients.
+EMBEDDING_A_INITIALIZER = "zeros"
+EMBEDDING_B_INITIALIZER = {"class_name": "RandomNormal", "config": {"stddev": 1.0}}
+
+
+class _LoRALookup(LoRALayer):
+    """Lookup path shared by both embedding classes: E[ids] + s·A[ids]·B."""
+
+    _lora_kernel_attr = "_embeddings"
+
+    def _lora_layout(self):
+        d_in, d_out = self._embeddings.shape
+        return (d_in, self.rank), (self.rank, d_out), d_in, d_out
+
+    @property
+    def lora_merge_equation(self):
+        return "ir,ro->io"
+
+    def _lookup(self, inputs, training):
+        if inputs.dtype != "int32" and inputs.dtype != "int64":
+            inputs = ops.cast(inputs, "int32")
+        a, b = self._lora_factors()
+        outputs = ops.cast(ops.take(self._embeddings, inputs, axis=0), self.compute_dtype)
+        low_rank = self._lora_input(ops.take(a, inputs, axis=0), training)
+        return ops.add(outputs, ops.matmul(self._scaled(low_rank), b))
+
+    @classmethod
+    def adapt(cls, layer, rank=8, alpha=None, dropout=0.0, use_rslora=False,
+              a_initializer=EMBEDDING_A_INITIALIZER,
+              b_initializer=EMBEDDING_B_INITIALIZER):
+        return super().adapt(
+            layer, rank, alpha, dropout, use_rslora, a_initializer, b_initializer
+        )
+
+
+@keras.saving.register_keras_serializable(package="keras_lora")
+class LoRAEmbedding(_LoRALookup, keras.layers.Embedding):
+    """Embedding layer with a frozen table and a trainable rank-r update.
+
+    Looks up `E[ids] + s · A[ids] B`, with A of shape `(input_dim, rank)` and B
+    of shape `(rank, output_dim)`. As in PEFT, the gathered factor A starts at
+    zero and B is random, so a fresh layer equals its base `Embedding`.
+    Dropout, if any, acts on the gathered rows of A in training.
+
+    KerasHub's `ReversibleEmbedding` (token embeddings whose transpose is also
+    the output projection of causal LMs) becomes a `LoRAReversibleEmbedding`
+    under `enable_lora`: with tied weights the reverse projection uses the same
+    updated table, `logits = x (E + s·A·B)ᵀ`, computed in factored form, so the
+    merged model is exactly the adapted one. With untied weights the separate
+    `reverse_embeddings` stay frozen and untouched.
+
+    Args:
+        input_dim: int, vocabulary size.
+        output_dim: int, embedding size.
+        rank: positive int, at most `min(input_dim, output_dim)`.
+        alpha: positive float or None (defaults to `rank`).
+        dropout: float in [0, 1).
+        use_rslora: bool; scale by `alpha / sqrt(rank)` instead.
+        a_initializer: initializer of the gathered factor A (`"zeros"`).
+        b_initializer: initializer of B (normal, stddev 1).
+        **kwargs: any `keras.layers.Embedding` argument.
+
+    Example:
+
+    >>> layer = keras_lora.LoRAEmbedding(1000, 64, rank=4)
+    >>> layer(np.array([[1, 2, 3]])).shape
+    (1, 3, 64)
+    """
+
+    _lora_base = keras.layers.Embedding
+
+    def __init__(
+        self,
+        input_dim,
+        output_dim,
+        rank=8,
+        alpha=None,
+        dropout=0.0,
+        use_rslora=False,
+        a_initializer=EMBEDDING_A_INITIALIZER,
+        b_initializer=EMBEDDING_B_INITIALIZER,
+        **kwargs,
+    ):
+        super().__init__(input_dim, output_dim, **kwargs)
+        self._init_lora(
+            rank, alpha, dropout, use_rslora, a_initializer, b_initializer
+        )
+
+    def build(self, input_shape=None):
+        super().build(input_shape)
+        self._build_lora()
+
+    def call(self, inputs, training=None):
+        return self._lookup(inputs, training)
+
+
+if hasattr(keras.layers, "ReversibleEmbedding"):
+
+    @keras.saving.register_keras_serializable(package="keras_lora")
+    class LoRAReversibleEmbedding(_LoRALookup, keras.layers.ReversibleEmbedding):
+        """`ReversibleEmbedding` with a rank-r update of its (tied) table.
+
+        See `LoRAEmbedding`; with `tie_weights=True` the reverse projection is
+        `x (E + s·A·B)ᵀ = x Eᵀ + s·(x Bᵀ) Aᵀ`.
+        """
+
+        _lora_base = keras.layers.ReversibleEmbedding
+
+        def __init__(
+            self,
+            input_dim,
+            output_dim,
+            rank=8,
+            alpha=None,
+            dropout=0.0,
+            use_rslora=False,
+            a_initializer=EMBEDDING_A_INITIALIZER,
+            b_initializer=EMBEDDING_B_INITIALIZER,
+            **kwargs,
+        ):
+            super().__init__(input_dim, output_dim, **kwargs)
+            self._init_lora(
+                rank, alpha, dropout, use_rslora, a_initializer, b_initializer
+            )
+
+        def build(self, input_shape=None):
+            super().build(input_shape)
+            self._build_lora()
+
+        def call(self, inputs, reverse=False, training=None):
+            if not reverse:
+                outputs = self._lookup(inputs, training)
+                mask = keras.layers.Embedding.compute_mask(self, inputs)
+                if mask is not None:
+                    set_keras_mask(outputs, mask)
+                return outputs
+            a, b = self._lora_factors()
+            if self.tie_weights:
+                kernel = ops.transpose(self._embeddings)
+            else:
+                kernel = self.reverse_embeddings
+            if self.reverse_dtype is not None:
+                inputs = ops.cast(inputs, self.reverse_dtype)
+                kernel = ops.cast(kernel, self.reverse_dtype)
+                a, b = ops.cast(a, self.reverse_dtype), ops.cast(b, self.reverse_dtype)
+            logits = ops.matmul(inputs, kernel)
+            if self.tie_weights:
+                low_rank = ops.matmul(inputs, ops.transpose(b))
+                logits = ops.add(
+                    logits, ops.matmul(self._scaled(low_rank), ops.transpose(a))
+                )
+            if self.logit_soft_cap is not None:
+                cap = self.logit_soft_cap
+                logits = ops.multiply(ops.tanh(ops.divide(logits, cap)), cap)
+            return logits

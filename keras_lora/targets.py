@@ -1,0 +1,171 @@
+"""Which layers of a model `enable_lora` adapts, and which ones it leaves trainable.
+
+A target spec is one of:
+- `None`: the paper's choice, the query and value projections of every
+  attention block (a fused q/k/v projection is adapted as one matrix); a model
+  without attention gets every Dense and EinsumDense layer;
+- `"all-linear"`: every Dense and EinsumDense layer (inside the backbone, when
+  the model has a KerasHub backbone, so that task heads stay out);
+- a list of layer names or regular expressions, each matched in full against
+  `layer.path` (or equal to `layer.name`); every entry must match something;
+- a callable `layer -> bool`.
+"""
+
+import re
+import sys
+
+import keras
+
+from keras_lora.layers.lora_layer import LoRALayer
+
+# The last path component of query / value projections across KerasHub (and
+# Hugging Face names, for user models): `query`/`value` (Keras MHA, GPT-2, BERT,
+# Llama, Gemma), `query_dense`/`value_dense` (Falcon, Bloom), `q_proj`/`v_proj`,
+# and fused projections, adapted as one matrix.
+QUERY_VALUE_NAMES = frozenset(
+    {
+        "query",
+        "value",
+        "query_dense",
+        "value_dense",
+        "q_proj",
+        "v_proj",
+        "wq",
+        "wv",
+        "query_key_value",
+        "qkv",
+        "c_attn",
+    }
+)
+
+LINEAR_TYPES = (keras.layers.Dense, keras.layers.EinsumDense)
+
+
+def adaptable_types():
+    """The exact classes enable_lora knows how to adapt."""
+    types = [keras.layers.Dense, keras.layers.EinsumDense, keras.layers.Embedding]
+    if hasattr(keras.layers, "ReversibleEmbedding"):
+        types.append(keras.layers.ReversibleEmbedding)
+    hub = sys.modules.get("keras_hub")
+    if hub is not None:
+        types.append(hub.layers.ReversibleEmbedding)
+    return tuple(types)
+
+
+def is_adaptable(layer):
+    return type(layer) in adaptable_types()
+
+
+def is_lora(layer):
+    return isinstance(layer, LoRALayer)
+
+
+def sublayers(model):
+    """Every layer below `model`, depth first, each once."""
+    return list(model._flatten_layers(include_self=False, recursive=True))
+
+
+def describe(layer):
+    return layer.path or layer.name
+
+
+def _backbone_layers(model):
+    """Layers of the KerasHub backbone inside `model`, or None if it has none."""
+    hub = sys.modules.get("keras_hub")
+    if hub is None:
+        return None
+    for layer in [model, *sublayers(model)]:
+        if isinstance(layer, hub.models.Backbone):
+            return set(map(id, sublayers(layer)))
+    return None
+
+
+def _default_targets(candidates):
+    attention = [
+        layer
+        for layer in candidates
+        if isinstance(layer, LINEAR_TYPES) and layer.name in QUERY_VALUE_NAMES
+    ]
+    return attention or [l for l in candidates if isinstance(l, LINEAR_TYPES)]
+
+
+def _entry_matches(entry, layer):
+    return entry == layer.name or (
+        layer.path is not None and re.fullmatch(entry, layer.path) is not None
+    )
+
+
+def match_layers(model, spec, argument):
+    """Returns the layers of `model` that `spec` selects, in model order.
+
+    Args:
+        model: a Keras model (or layer).
+        spec: a target spec (see the module docstring).
+        argument: the argument's name, for error messages (`"targets"`,
+            `"train_layers"`).
+
+    Raises:
+        ValueError: if the spec is malformed, matches nothing, or (for
+            `targets`) selects a layer that cannot be adapted.
+    """
+    layers = sublayers(model)
+    # LoRA layers stay candidates so that adapting them twice is an error.
+    candidates = [l for l in layers if is_adaptable(l) or is_lora(l)]
+    if spec is None or spec == "all-linear":
+        inside = _backbone_layers(model)
+        if inside is not None:
+            candidates = [l for l in candidates if id(l) in inside]
+        if spec is None:
+            selected = _default_targets(candidates)
+        else:
+            selected = [l for l in candidates if isinstance(l, LINEAR_TYPES)]
+        if not selected:
+            raise ValueError(
+                f"`{argument}={spec!r}` found no Dense or EinsumDense layer in "
+                f"model '{model.name}'. Layers: {[describe(l) for l in layers][:20]}"
+            )
+        return selected
+    if callable(spec):
+        selected = [layer for layer in layers if spec(layer)]
+        unmatched = [] if selected else [getattr(spec, "__name__", repr(spec))]
+    elif isinstance(spec, (list, tuple)) and spec and all(
+        isinstance(entry, str) for entry in spec
+    ):
+        for entry in spec:
+            try:
+                re.compile(entry)
+            except re.error as error:
+                raise ValueError(
+                    f"`{argument}` entry {entry!r} is not a valid regular "
+                    f"expression ({error}). Received: {argument}={spec!r}"
+                ) from None
+        selected = [l for l in layers if any(_entry_matches(e, l) for e in spec)]
+        unmatched = [e for e in spec if not any(_entry_matches(e, l) for l in layers)]
+    else:
+        raise ValueError(
+            f"`{argument}` must be None, 'all-linear', a non-empty list of layer "
+            f"names or regular expressions, or a callable. Received: "
+            f"{argument}={spec!r}"
+        )
+    if unmatched:
+        sample = [describe(l) for l in (candidates or layers)][:12]
+        raise ValueError(
+            f"`{argument}` entries {unmatched} matched no layer of model "
+            f"'{model.name}' (entries match a layer's name or, in full, its "
+            f"path). Some candidate paths: {sample}"
+        )
+    return selected
+
+
+def check_adaptable(layers):
+    """Raises a `ValueError` naming the first selected layer LoRA cannot adapt."""
+    for layer in layers:
+        if not is_adaptable(layer):
+            kind = "an already adapted LoRA layer" if is_lora(layer) else (
+                f"a {type(layer).__name__}"
+            )
+            raise ValueError(
+                f"`targets` selected layer '{describe(layer)}', which is {kind}; "
+                "LoRA adapts Dense, EinsumDense and Embedding layers that are not "
+                "adapted yet."
+            )

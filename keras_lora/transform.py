@@ -1,0 +1,303 @@
+"""`enable_lora`, `merge_lora` and `disable_lora`: LoRA on a whole model, in place.
+
+`enable_lora` turns each target layer into its LoRA subclass in place (same
+object, new class, two new variables), so every reference to it stays valid:
+Functional graph nodes, KerasHub attention blocks, user attributes. It freezes
+everything else at the variable level and records what it did as a JSON spec
+on the model (see `adapted_model.py`), which `model.save`, `save_adapter` and
+`merge_lora` read.
+"""
+
+import contextlib
+
+import keras
+import numpy as np
+
+from keras_lora import adapted_model
+from keras_lora import targets as targets_lib
+from keras_lora.layers import lora_math
+from keras_lora.layers.dense import LoRADense
+from keras_lora.layers.einsum_dense import LoRAEinsumDense
+from keras_lora.layers.embedding import LoRAEmbedding
+from keras_lora.layers.lora_layer import LoRALayer
+
+SPEC_VERSION = 1
+
+
+def lora_class_for(layer):
+    """The LoRA class that adapts `layer` (an exact Dense/EinsumDense/Embedding)."""
+    if type(layer) is keras.layers.Dense:
+        return LoRADense
+    if type(layer) is keras.layers.EinsumDense:
+        return LoRAEinsumDense
+    if type(layer) is keras.layers.Embedding:
+        return LoRAEmbedding
+    if isinstance(layer, keras.layers.Embedding) and targets_lib.is_adaptable(layer):
+        from keras_lora.layers.embedding import LoRAReversibleEmbedding
+
+        return LoRAReversibleEmbedding
+    raise ValueError(
+        f"Layer '{targets_lib.describe(layer)}' of type {type(layer).__name__} "
+        "cannot be adapted: LoRA adapts Dense, EinsumDense and Embedding layers."
+    )
+
+
+def enable_lora(
+    model,
+    rank=8,
+    alpha=None,
+    targets=None,
+    dropout=0.0,
+    train_layers=None,
+    use_rslora=False,
+):
+    """Adds LoRA to a built Keras model, in place, and freezes everything else.
+
+    Args:
+        model: a built Keras model: Sequential, Functional, subclassed, or a
+            KerasHub backbone or task model.
+        rank: positive int, the rank r of every update.
+        alpha: positive float or None; updates are scaled by alpha / r (alpha
+            defaults to r).
+        targets: which layers to adapt: None (query and value projections of
+            every attention block; every Dense/EinsumDense layer if the model
+            has no attention), `"all-linear"`, a list of layer names or
+            regular expressions matched in full against `layer.path`, or a
+            callable `layer -> bool`.
+        dropout: float in [0, 1), dropout on each LoRA path's input.
+        train_layers: layers whose own weights stay trainable (e.g. a task
+            head), with the same matching rules as `targets`; None for none.
+        use_rslora: bool; scale by alpha / sqrt(r) (rsLoRA) instead.
+
+    Returns:
+        The same model object. Only the LoRA factors and the weights of
+        `train_layers` are trainable; `merge_lora` undoes the freezing.
+
+    Example:
+
+    >>> backbone = keras_hub.models.GPT2Backbone(...)
+    >>> keras_lora.enable_lora(backbone, rank=8)
+    >>> keras_lora.print_trainable_parameters(backbone)
+    """
+    rank = lora_math.check_rank(rank)
+    lora_math.check_alpha(alpha, rank)
+    dropout = lora_math.check_dropout(dropout)
+    if not isinstance(use_rslora, bool):
+        raise ValueError(
+            f"`use_rslora` must be a bool. Received: use_rslora={use_rslora!r}"
+        )
+    _check_model(model)
+    if adapted_model.is_adapted(model):
+        raise ValueError(
+            f"Model '{model.name}' is already adapted with LoRA; call "
+            "`keras_lora.merge_lora(model)` before adapting it again."
+        )
+    selected = targets_lib.match_layers(model, targets, "targets")
+    targets_lib.check_adaptable(selected)
+    trained = (
+        targets_lib.match_layers(model, train_layers, "train_layers")
+        if train_layers is not None
+        else []
+    )
+    overlap = [l for l in trained if any(l is s for s in selected)]
+    if overlap:
+        raise ValueError(
+            f"Layer '{targets_lib.describe(overlap[0])}' is in both `targets` and "
+            "`train_layers`: an adapted layer's base weights stay frozen."
+        )
+    layer_config = {
+        "rank": rank,
+        "alpha": alpha,
+        "dropout": dropout,
+        "use_rslora": use_rslora,
+    }
+    spec = {
+        "version": SPEC_VERSION,
+        "targets": targets if targets is None or isinstance(targets, str) else (
+            list(targets) if isinstance(targets, (list, tuple)) else "callable"
+        ),
+        "layers": {_unique_path(model, l): dict(layer_config) for l in selected},
+        "train_layers": [_unique_path(model, l) for l in trained],
+        "frozen_layers": [
+            _unique_path(model, l)
+            for l in targets_lib.sublayers(model)
+            if not l.trainable and l.path
+        ],
+        "frozen_variables": [v.path for v in model.weights if not v.trainable],
+    }
+    return apply_spec(model, spec)
+
+
+def apply_spec(model, spec):
+    """Applies a recorded LoRA spec to a model (fresh, or with LoRA layers).
+
+    Used by `enable_lora`, by `keras.saving.load_model` and by `load_adapter`.
+    Layers that already are LoRA layers (a reloaded Functional config) must
+    match the recorded rank. On any error, the model is left as it was.
+    """
+    by_path = _layers_by_path(model)
+    missing = [p for p in spec["layers"] if p not in by_path]
+    if missing:
+        raise ValueError(
+            f"The LoRA spec names layer '{missing[0]}', which model "
+            f"'{model.name}' does not have. Some layer paths of the model: "
+            f"{sorted(by_path)[:12]}"
+        )
+    model.trainable = True  # layer flags; variables are frozen one by one below
+    converted = []
+    try:
+        for path, config in spec["layers"].items():
+            layer = by_path[path]
+            if isinstance(layer, LoRALayer):
+                if layer.rank != config["rank"]:
+                    raise ValueError(
+                        f"Layer '{path}' already has LoRA rank {layer.rank}, but "
+                        f"the spec records rank {config['rank']}."
+                    )
+                continue
+            lora_class_for(layer).adapt(layer, **config)
+            converted.append(layer)
+    except Exception:
+        for layer in converted:
+            layer.unadapt(merge=False)
+        _restore_trainable(model, spec)
+        raise
+    trained = {id(v) for p in spec["train_layers"] for v in by_path[p].weights}
+    frozen_before = set(spec["frozen_variables"])
+    factors = {id(v) for l in lora_layers(model) for v in (l.lora_a, l.lora_b)}
+    for variable in model.weights:
+        variable.trainable = id(variable) in factors or (
+            id(variable) in trained and variable.path not in frozen_before
+        )
+    if not adapted_model.is_adapted(model):
+        model.__class__ = adapted_model.adapted_class(type(model))
+    object.__setattr__(model, "_keras_lora_spec", spec)
+    _reset_compiled_functions(model)
+    return model
+
+
+def merge_lora(model):
+    """Folds every LoRA update into its base kernel, in place.
+
+    Each LoRA layer becomes its plain Keras class again with
+    `W' = W + s·A·B` (float32 maths, cast to the kernel's dtype), and the
+    trainable flags the model had before `enable_lora` come back.
+
+    Args:
+        model: a model with LoRA layers (from `enable_lora`, or built with
+            `LoRADense` & co. directly).
+
+    Returns:
+        The same model object, with no LoRA layer and no LoRA variable left.
+    """
+    _check_model(model)
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError(
+            f"Model '{model.name}' has no LoRA layer to merge. Call "
+            "`keras_lora.enable_lora(model)` first."
+        )
+    for layer in layers:
+        layer.unadapt(merge=True)
+    if adapted_model.is_adapted(model):
+        spec = model._keras_lora_spec
+        model.__class__ = adapted_model.original_class(model)
+        object.__delattr__(model, "_keras_lora_spec")
+        _restore_trainable(model, spec)
+    else:
+        for variable in model.weights:
+            variable.trainable = True
+    _reset_compiled_functions(model)
+    return model
+
+
+@contextlib.contextmanager
+def disable_lora(model):
+    """Context manager under which the model computes its base outputs exactly.
+
+    Every B factor is set to zero on entry and restored bit for bit on exit
+    (B is small: rank × d_out). Using the variables, rather than a Python flag,
+    keeps this right inside already compiled `predict`/`fit` functions.
+
+    Example:
+
+    >>> with keras_lora.disable_lora(model):
+    ...     base_logits = model.predict(x)
+    """
+    _check_model(model)
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError(f"Model '{model.name}' has no LoRA layer to disable.")
+    saved = [keras.ops.convert_to_numpy(layer.lora_b) for layer in layers]
+    for layer in layers:
+        layer.lora_b.assign(np.zeros(layer.lora_b.shape, "float32"))
+    try:
+        yield model
+    finally:
+        for layer, value in zip(layers, saved):
+            layer.lora_b.assign(value)
+
+
+def lora_layers(model):
+    """Every LoRA layer in `model`, in model order."""
+    return [l for l in targets_lib.sublayers(model) if isinstance(l, LoRALayer)]
+
+
+def lora_spec(model):
+    """The JSON spec `enable_lora` recorded on `model` (None if not adapted)."""
+    return getattr(model, "_keras_lora_spec", None)
+
+
+def _check_model(model):
+    if not isinstance(model, keras.layers.Layer):
+        raise ValueError(
+            f"`model` must be a Keras model or layer. Received: model={model!r}"
+        )
+    if not model.built:
+        raise ValueError(
+            f"Model '{model.name}' must be built before LoRA can adapt it: call "
+            "it on data or call `model.build(input_shape)` first."
+        )
+
+
+def _layers_by_path(model):
+    by_path = {}
+    for layer in targets_lib.sublayers(model):
+        if layer.path:
+            by_path.setdefault(layer.path, []).append(layer)
+    return {path: found[0] for path, found in by_path.items() if len(found) == 1}
+
+
+def _unique_path(model, layer):
+    """`layer.path`, checked to name this layer only (adapters are keyed by it)."""
+    same = [l for l in targets_lib.sublayers(model) if l.path == layer.path]
+    if not layer.path or len(same) != 1:
+        raise ValueError(
+            f"Layer '{layer.name}' has no unique path in model '{model.name}' "
+            f"(path={layer.path!r}); give the layers distinct names."
+        )
+    return layer.path
+
+
+def _restore_trainable(model, spec):
+    frozen_layers = set(spec["frozen_layers"])
+    frozen_variables = set(spec["frozen_variables"])
+    model.trainable = True
+    for layer in targets_lib.sublayers(model):
+        if layer.path in frozen_layers:
+            layer.trainable = False
+    for variable in model.weights:
+        variable.trainable = variable.path not in frozen_variables
+
+
+def _reset_compiled_functions(model):
+    """Drops traced train/test/predict functions: the variables changed."""
+    for name in ("train_function", "test_function", "predict_function"):
+        if getattr(model, name, None) is not None:
+            setattr(model, name, None)
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is not None and getattr(optimizer, "built", False):
+        # Its slots belong to the old trainable variables: compile again with
+        # the same arguments (a fresh optimizer of the same configuration).
+        config = keras.saving.deserialize_keras_object(model.get_compile_config())
+        model.compile(**config)
