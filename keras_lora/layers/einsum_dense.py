@@ -18,7 +18,8 @@ from keras import ops
 
 from keras_lora.layers.lora_layer import LoRALayer
 
-_EQUATION = re.compile(r"([a-zA-Z]*(?:\.\.\.)?[a-zA-Z]*),([a-zA-Z]+)->(\S+)")
+_SPEC = r"([a-zA-Z]*(?:\.\.\.)?[a-zA-Z]*)"
+_EQUATION = re.compile(_SPEC + r",([a-zA-Z]+)->" + _SPEC)
 
 
 def split_einsum_equation(equation):
