@@ -20,8 +20,7 @@ the same for Sequential, Functional, subclassed and KerasHub models.
 
 import contextlib
 
-from keras.src.saving import object_registration
-from keras.src.saving import serialization_lib
+from keras.src.saving import object_registration, serialization_lib
 
 REGISTERED_NAME = "keras_lora>AdaptedModel"
 
@@ -96,4 +95,3 @@ def as_class(obj, cls):
         yield obj
     finally:
         obj.__class__ = previous
-

@@ -86,7 +86,7 @@ def _default_targets(candidates):
         for layer in candidates
         if isinstance(layer, LINEAR_TYPES) and layer.name in QUERY_VALUE_NAMES
     ]
-    return attention or [l for l in candidates if isinstance(l, LINEAR_TYPES)]
+    return attention or [lyr for lyr in candidates if isinstance(lyr, LINEAR_TYPES)]
 
 
 def _entry_matches(entry, layer):
@@ -110,26 +110,29 @@ def match_layers(model, spec, argument):
     """
     layers = sublayers(model)
     # LoRA layers stay candidates so that adapting them twice is an error.
-    candidates = [l for l in layers if is_adaptable(l) or is_lora(l)]
+    candidates = [lyr for lyr in layers if is_adaptable(lyr) or is_lora(lyr)]
     if spec is None or spec == "all-linear":
         inside = _backbone_layers(model)
         if inside is not None:
-            candidates = [l for l in candidates if id(l) in inside]
+            candidates = [lyr for lyr in candidates if id(lyr) in inside]
         if spec is None:
             selected = _default_targets(candidates)
         else:
-            selected = [l for l in candidates if isinstance(l, LINEAR_TYPES)]
+            selected = [lyr for lyr in candidates if isinstance(lyr, LINEAR_TYPES)]
         if not selected:
+            names = [describe(lyr) for lyr in layers][:20]
             raise ValueError(
                 f"`{argument}={spec!r}` found no Dense or EinsumDense layer in "
-                f"model '{model.name}'. Layers: {[describe(l) for l in layers][:20]}"
+                f"model '{model.name}'. Layers: {names}"
             )
         return selected
     if callable(spec):
         selected = [layer for layer in layers if spec(layer)]
         unmatched = [] if selected else [getattr(spec, "__name__", repr(spec))]
-    elif isinstance(spec, (list, tuple)) and spec and all(
-        isinstance(entry, str) for entry in spec
+    elif (
+        isinstance(spec, (list, tuple))
+        and spec
+        and all(isinstance(entry, str) for entry in spec)
     ):
         for entry in spec:
             try:
@@ -139,8 +142,10 @@ def match_layers(model, spec, argument):
                     f"`{argument}` entry {entry!r} is not a valid regular "
                     f"expression ({error}). Received: {argument}={spec!r}"
                 ) from None
-        selected = [l for l in layers if any(_entry_matches(e, l) for e in spec)]
-        unmatched = [e for e in spec if not any(_entry_matches(e, l) for l in layers)]
+        selected = [lyr for lyr in layers if any(_entry_matches(e, lyr) for e in spec)]
+        unmatched = [
+            e for e in spec if not any(_entry_matches(e, lyr) for lyr in layers)
+        ]
     else:
         raise ValueError(
             f"`{argument}` must be None, 'all-linear', a non-empty list of layer "
@@ -148,7 +153,7 @@ def match_layers(model, spec, argument):
             f"{argument}={spec!r}"
         )
     if unmatched:
-        sample = [describe(l) for l in (candidates or layers)][:12]
+        sample = [describe(lyr) for lyr in (candidates or layers)][:12]
         raise ValueError(
             f"`{argument}` entries {unmatched} matched no layer of model "
             f"'{model.name}' (entries match a layer's name or, in full, its "
@@ -161,8 +166,10 @@ def check_adaptable(layers):
     """Raises a `ValueError` naming the first selected layer LoRA cannot adapt."""
     for layer in layers:
         if not is_adaptable(layer):
-            kind = "an already adapted LoRA layer" if is_lora(layer) else (
-                f"a {type(layer).__name__}"
+            kind = (
+                "an already adapted LoRA layer"
+                if is_lora(layer)
+                else (f"a {type(layer).__name__}")
             )
             raise ValueError(
                 f"`targets` selected layer '{describe(layer)}', which is {kind}; "

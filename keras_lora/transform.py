@@ -99,7 +99,7 @@ def enable_lora(
         if train_layers is not None
         else []
     )
-    overlap = [l for l in trained if any(l is s for s in selected)]
+    overlap = [lyr for lyr in trained if any(lyr is s for s in selected)]
     if overlap:
         raise ValueError(
             f"Layer '{targets_lib.describe(overlap[0])}' is in both `targets` and "
@@ -113,15 +113,15 @@ def enable_lora(
     }
     spec = {
         "version": SPEC_VERSION,
-        "targets": targets if targets is None or isinstance(targets, str) else (
-            list(targets) if isinstance(targets, (list, tuple)) else "callable"
-        ),
-        "layers": {_unique_path(model, l): dict(layer_config) for l in selected},
-        "train_layers": [_unique_path(model, l) for l in trained],
+        "targets": targets
+        if targets is None or isinstance(targets, str)
+        else (list(targets) if isinstance(targets, (list, tuple)) else "callable"),
+        "layers": {_unique_path(model, lyr): dict(layer_config) for lyr in selected},
+        "train_layers": [_unique_path(model, lyr) for lyr in trained],
         "frozen_layers": [
-            _unique_path(model, l)
-            for l in targets_lib.sublayers(model)
-            if not l.trainable and l.path
+            _unique_path(model, lyr)
+            for lyr in targets_lib.sublayers(model)
+            if not lyr.trainable and lyr.path
         ],
         "frozen_variables": [v.path for v in model.weights if not v.trainable],
     }
@@ -164,7 +164,7 @@ def apply_spec(model, spec):
         raise
     trained = {id(v) for p in spec["train_layers"] for v in by_path[p].weights}
     frozen_before = set(spec["frozen_variables"])
-    factors = {id(v) for l in lora_layers(model) for v in (l.lora_a, l.lora_b)}
+    factors = {id(v) for lyr in lora_layers(model) for v in (lyr.lora_a, lyr.lora_b)}
     for variable in model.weights:
         variable.trainable = id(variable) in factors or (
             id(variable) in trained and variable.path not in frozen_before
@@ -191,14 +191,24 @@ def merge_lora(model):
         The same model object, with no LoRA layer and no LoRA variable left.
     """
     _check_model(model)
-    layers = lora_layers(model)
-    if not layers:
+    if not lora_layers(model):
         raise ValueError(
             f"Model '{model.name}' has no LoRA layer to merge. Call "
             "`keras_lora.enable_lora(model)` first."
         )
-    for layer in layers:
-        layer.unadapt(merge=True)
+    return revert(model, merge=True)
+
+
+def revert(model, merge):
+    """Turns every LoRA layer back into its base class and undoes the freezing.
+
+    Args:
+        model: a model with LoRA layers.
+        merge: fold the updates into the kernels (`merge_lora`), or drop them
+            (used to roll back a failed `load_adapter`).
+    """
+    for layer in lora_layers(model):
+        layer.unadapt(merge=merge)
     if adapted_model.is_adapted(model):
         spec = model._keras_lora_spec
         model.__class__ = adapted_model.original_class(model)
@@ -240,7 +250,7 @@ def disable_lora(model):
 
 def lora_layers(model):
     """Every LoRA layer in `model`, in model order."""
-    return [l for l in targets_lib.sublayers(model) if isinstance(l, LoRALayer)]
+    return [lyr for lyr in targets_lib.sublayers(model) if isinstance(lyr, LoRALayer)]
 
 
 def lora_spec(model):
@@ -270,7 +280,7 @@ def _layers_by_path(model):
 
 def _unique_path(model, layer):
     """`layer.path`, checked to name this layer only (adapters are keyed by it)."""
-    same = [l for l in targets_lib.sublayers(model) if l.path == layer.path]
+    same = [lyr for lyr in targets_lib.sublayers(model) if lyr.path == layer.path]
     if not layer.path or len(same) != 1:
         raise ValueError(
             f"Layer '{layer.name}' has no unique path in model '{model.name}' "

@@ -1,8 +1,7 @@
 """Small real models and NumPy helpers shared by the tests."""
 
-import numpy as np
-
 import keras
+import numpy as np
 
 VOCAB = 64
 SEQ = 8
@@ -51,7 +50,9 @@ def tiny_gpt2_backbone(num_layers=2, hidden=32):
 def tiny_gpt2_causal_lm():
     import keras_hub
 
-    return keras_hub.models.GPT2CausalLM(backbone=tiny_gpt2_backbone(), preprocessor=None)
+    return keras_hub.models.GPT2CausalLM(
+        backbone=tiny_gpt2_backbone(), preprocessor=None
+    )
 
 
 def tiny_bert_classifier(num_classes=2):

@@ -29,14 +29,23 @@ class _LoRALookup(LoRALayer):
         if inputs.dtype != "int32" and inputs.dtype != "int64":
             inputs = ops.cast(inputs, "int32")
         a, b = self._lora_factors()
-        outputs = ops.cast(ops.take(self._embeddings, inputs, axis=0), self.compute_dtype)
+        outputs = ops.cast(
+            ops.take(self._embeddings, inputs, axis=0), self.compute_dtype
+        )
         low_rank = self._lora_input(ops.take(a, inputs, axis=0), training)
         return ops.add(outputs, ops.matmul(self._scaled(low_rank), b))
 
     @classmethod
-    def adapt(cls, layer, rank=8, alpha=None, dropout=0.0, use_rslora=False,
-              a_initializer=EMBEDDING_A_INITIALIZER,
-              b_initializer=EMBEDDING_B_INITIALIZER):
+    def adapt(
+        cls,
+        layer,
+        rank=8,
+        alpha=None,
+        dropout=0.0,
+        use_rslora=False,
+        a_initializer=EMBEDDING_A_INITIALIZER,
+        b_initializer=EMBEDDING_B_INITIALIZER,
+    ):
         return super().adapt(
             layer, rank, alpha, dropout, use_rslora, a_initializer, b_initializer
         )
@@ -91,9 +100,7 @@ class LoRAEmbedding(_LoRALookup, keras.layers.Embedding):
         **kwargs,
     ):
         super().__init__(input_dim, output_dim, **kwargs)
-        self._init_lora(
-            rank, alpha, dropout, use_rslora, a_initializer, b_initializer
-        )
+        self._init_lora(rank, alpha, dropout, use_rslora, a_initializer, b_initializer)
 
     def build(self, input_shape=None):
         super().build(input_shape)

@@ -220,6 +220,10 @@ class LoRALayer:
         layer._lora_base_class = base_class
         return layer
 
+    def _lora_base_class_of(self):
+        """The class this layer turns back into (its class before `adapt`)."""
+        return getattr(self, "_lora_base_class", type(self)._lora_base)
+
     def unadapt(self, merge):
         """Turns this layer back into its base class, in place.
 
@@ -230,7 +234,7 @@ class LoRALayer:
         if merge:
             kernel = self.lora_base_kernel
             kernel.assign(self.merged_kernel())
-        base_class = getattr(self, "_lora_base_class", type(self)._lora_base)
+        base_class = self._lora_base_class_of()
         # Untrack the factors so that `weights` is what it was before.
         for name in ("lora_a", "lora_b"):
             self._untrack_variable(getattr(self, name))

@@ -13,9 +13,7 @@ from keras import ops
 def check_rank(rank):
     """Returns `rank` if it is a positive int, else raises a `ValueError`."""
     if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1:
-        raise ValueError(
-            f"`rank` must be a positive integer. Received: rank={rank!r}"
-        )
+        raise ValueError(f"`rank` must be a positive integer. Received: rank={rank!r}")
     return int(rank)
 
 

@@ -1,10 +1,10 @@
 """LoRA layers inside real models: `fit`, mixed precision, config and `.keras`."""
 
+import keras
 import numpy as np
 import pytest
 from helpers import randomize_factors, to_numpy
 
-import keras
 import keras_lora
 
 
@@ -153,6 +153,8 @@ def test_keras_file_round_trip_keeps_factors(tmp_path):
         keras_lora.lora_layers(model), keras_lora.lora_layers(loaded)
     ):
         assert type(original) is type(reloaded)
-        np.testing.assert_array_equal(to_numpy(original.lora_b), to_numpy(reloaded.lora_b))
+        np.testing.assert_array_equal(
+            to_numpy(original.lora_b), to_numpy(reloaded.lora_b)
+        )
         assert np.abs(to_numpy(reloaded.lora_b)).sum() > 0  # not zeros, unlike Keras
         assert [v.name for v in reloaded.trainable_weights] == ["lora_a", "lora_b"]

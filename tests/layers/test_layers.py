@@ -2,11 +2,11 @@
 
 import math
 
+import keras
 import numpy as np
 import pytest
 from helpers import randomize_factors, to_numpy
 
-import keras
 import keras_lora
 from keras_lora.layers.einsum_dense import split_einsum_equation
 
@@ -51,7 +51,9 @@ def reference_delta(layer):
 
 
 @pytest.mark.parametrize("equation, output_shape, input_shape", EQUATIONS)
-def test_einsum_fresh_layer_equals_base_and_reference(equation, output_shape, input_shape):
+def test_einsum_fresh_layer_equals_base_and_reference(
+    equation, output_shape, input_shape
+):
     base, lora = einsum_layers(equation, output_shape, alpha=6.0)
     x = np.random.default_rng(0).normal(size=input_shape).astype("float32")
     base.build(input_shape)
@@ -115,7 +117,9 @@ def test_embedding_matches_numpy_reference():
     e, a, b = (to_numpy(v) for v in (lora.embeddings, lora.lora_a, lora.lora_b))
     expected = e[ids] + 2.0 * a[ids] @ b
     np.testing.assert_allclose(to_numpy(lora(ids)), expected, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(to_numpy(lora.merged_kernel()), e + 2.0 * a @ b, rtol=1e-5)
+    np.testing.assert_allclose(
+        to_numpy(lora.merged_kernel()), e + 2.0 * a @ b, rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize("tie_weights", [True, False])
@@ -168,7 +172,9 @@ def test_factors_and_frozen_base(make, x):
 
 def test_is_instance_of_base_class():
     assert isinstance(keras_lora.LoRADense(4), keras.layers.Dense)
-    assert isinstance(keras_lora.LoRAEinsumDense("ab,bc->ac", 4), keras.layers.EinsumDense)
+    assert isinstance(
+        keras_lora.LoRAEinsumDense("ab,bc->ac", 4), keras.layers.EinsumDense
+    )
     assert isinstance(keras_lora.LoRAEmbedding(4, 4), keras.layers.Embedding)
 
 

@@ -1,7 +1,7 @@
+import keras
 import numpy as np
 import pytest
 
-import keras
 import keras_lora
 from keras_lora.layers import lora_math
 from keras_lora.layers.einsum_dense import split_einsum_equation
@@ -21,7 +21,9 @@ def test_alpha_must_be_positive(alpha):
 
 @pytest.mark.parametrize("dropout", [-0.1, 1.0, 1.5, "0.1"])
 def test_dropout_must_be_in_unit_interval(dropout):
-    with pytest.raises(ValueError, match=r"`dropout` must be a float in \[0, 1\).*dropout="):
+    with pytest.raises(
+        ValueError, match=r"`dropout` must be a float in \[0, 1\).*dropout="
+    ):
         keras_lora.LoRAEmbedding(10, 4, rank=2, dropout=dropout)
 
 
@@ -30,19 +32,32 @@ def test_dropout_must_be_in_unit_interval(dropout):
     [
         (lambda: keras_lora.LoRADense(4, rank=5), (2, 16)),
         (lambda: keras_lora.LoRADense(16, rank=5), (2, 4)),
-        (lambda: keras_lora.LoRAEinsumDense("abc,cde->abde", (None, 2, 2), rank=5), (2, 3, 8)),
+        (
+            lambda: keras_lora.LoRAEinsumDense("abc,cde->abde", (None, 2, 2), rank=5),
+            (2, 3, 8),
+        ),
         (lambda: keras_lora.LoRAEmbedding(3, 16, rank=4), None),
     ],
 )
 def test_rank_larger_than_matrix_is_rejected_at_build(layer, shape):
     layer = layer()
-    with pytest.raises(ValueError, match=r"`rank` must be at most min\(d_in, d_out\).*rank="):
+    with pytest.raises(
+        ValueError, match=r"`rank` must be at most min\(d_in, d_out\).*rank="
+    ):
         layer.build(shape)
 
 
 @pytest.mark.parametrize(
     "equation",
-    ["abc,cd", "abc,cd->abd->x", "ab,bc->abc", "abc,c->abc", "ab,bcd->a", "abc,bb->ac", 42],
+    [
+        "abc,cd",
+        "abc,cd->abd->x",
+        "ab,bc->abc",
+        "abc,c->abc",
+        "ab,bcd->a",
+        "abc,bb->ac",
+        42,
+    ],
 )
 def test_unsupported_equation(equation):
     with pytest.raises(ValueError, match=r"`equation`.*Received: equation="):
@@ -61,7 +76,12 @@ def test_keras_builtin_lora_rank_is_refused():
 
 @pytest.mark.parametrize(
     "rank, alpha, rslora, expected",
-    [(8, None, False, 1.0), (4, 8, False, 2.0), (16, 8, True, 2.0), (4, None, True, 2.0)],
+    [
+        (8, None, False, 1.0),
+        (4, 8, False, 2.0),
+        (16, 8, True, 2.0),
+        (4, None, True, 2.0),
+    ],
 )
 def test_scale(rank, alpha, rslora, expected):
     layer = keras_lora.LoRADense(32, rank=rank, alpha=alpha, use_rslora=rslora)
