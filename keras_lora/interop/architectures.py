@@ -1,0 +1,173 @@
+"""Which Hugging Face module of each architecture is which KerasHub layer.
+
+One entry per architecture, read off KerasHub's transformers converters
+(`keras_hub/src/utils/transformers/convert_*.py`), which port every Hugging
+Face weight onto a KerasHub variable. Module names are relative to the
+transformers *base* model (`LlamaModel`, `GPT2Model`, `BertModel`, ...); a task
+model adds a prefix (`model.`, `transformer.`, `bert.`).
+
+In every converter the Hugging Face weight `(out_features, in_features)` maps
+onto the Keras kernel by flattening the kernel's input axes and its output
+axes each in kernel order (C order): so a LoRA factor maps the same way (see
+`factors.py`). A fused module (GPT-2's `c_attn`) lists several Keras layers:
+its output features are theirs, concatenated in that order.
+"""
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    """How one transformers architecture maps onto its KerasHub backbone.
+
+    Attributes:
+        name: the transformers `model_type`.
+        backbones: KerasHub backbone class names (any class in the MRO).
+        task_prefix: the base model's attribute in the transformers task
+            models (`"model."` in `LlamaForCausalLM`).
+        block: module name of transformer block `i`, e.g. `"layers.{i}"`.
+        block_modules: module name inside a block -> attribute chains (from
+            the KerasHub block, `backbone.transformer_layers[i]`) of the
+            Keras layers it maps onto.
+        top_modules: module name -> backbone attribute, outside the blocks.
+        unmapped: module names (suffixes) transformers models have that no
+            KerasHub layer LoRA can adapt represents; kept so that written
+            `target_modules` never select them by accident.
+    """
+
+    name: str
+    backbones: tuple
+    task_prefix: str
+    block: str
+    block_modules: dict
+    top_modules: dict
+    unmapped: tuple = ()
+
+
+_DECODER_MLP = {
+    "mlp.gate_proj": ("_feedforward_gate_dense",),
+    "mlp.up_proj": ("_feedforward_intermediate_dense",),
+    "mlp.down_proj": ("_feedforward_output_dense",),
+}
+_DECODER_ATTENTION = {
+    "self_attn.q_proj": ("_self_attention_layer._query_dense",),
+    "self_attn.k_proj": ("_self_attention_layer._key_dense",),
+    "self_attn.v_proj": ("_self_attention_layer._value_dense",),
+    "self_attn.o_proj": ("_self_attention_layer._output_dense",),
+}
+
+
+def _decoder(name, backbones):
+    """Llama-style decoders: Llama, Mistral, Qwen2 share their module names."""
+    return Architecture(
+        name=name,
+        backbones=backbones,
+        task_prefix="model.",
+        block="layers.{i}",
+        block_modules={**_DECODER_ATTENTION, **_DECODER_MLP},
+        top_modules={"embed_tokens": "token_embedding"},
+        unmapped=("lm_head", "score"),
+    )
+
+
+ARCHITECTURES = (
+    Architecture(
+        name="bert",
+        backbones=("BertBackbone",),
+        task_prefix="bert.",
+        block="encoder.layer.{i}",
+        block_modules={
+            "attention.self.query": ("_self_attention_layer._query_dense",),
+            "attention.self.key": ("_self_attention_layer._key_dense",),
+            "attention.self.value": ("_self_attention_layer._value_dense",),
+            "attention.output.dense": ("_self_attention_layer._output_dense",),
+            "intermediate.dense": ("_feedforward_intermediate_dense",),
+            "output.dense": ("_feedforward_output_dense",),
+        },
+        top_modules={
+            "embeddings.word_embeddings": "token_embedding",
+            "embeddings.token_type_embeddings": "segment_embedding",
+            "pooler.dense": "pooled_dense",
+        },
+        unmapped=("embeddings.position_embeddings", "classifier", "cls"),
+    ),
+    Architecture(
+        name="gpt2",
+        backbones=("GPT2Backbone",),
+        task_prefix="transformer.",
+        block="h.{i}",
+        block_modules={
+            # One matrix for q, k and v: [q | k | v] along its outputs.
+            "attn.c_attn": (
+                "_self_attention_layer._query_dense",
+                "_self_attention_layer._key_dense",
+                "_self_attention_layer._value_dense",
+            ),
+            "attn.c_proj": ("_self_attention_layer._output_dense",),
+            "mlp.c_fc": ("_feedforward_intermediate_dense",),
+            "mlp.c_proj": ("_feedforward_output_dense",),
+        },
+        top_modules={"wte": "token_embedding"},
+        unmapped=("wpe", "lm_head", "score"),
+    ),
+    _decoder("llama", ("LlamaBackbone",)),
+    _decoder("mistral", ("MistralBackbone",)),
+    _decoder("qwen2", ("QwenBackbone",)),
+    Architecture(
+        name="gemma",
+        backbones=("GemmaBackbone",),
+        task_prefix="model.",
+        block="layers.{i}",
+        block_modules={
+            "self_attn.q_proj": ("attention.query_dense",),
+            "self_attn.k_proj": ("attention.key_dense",),
+            "self_attn.v_proj": ("attention.value_dense",),
+            "self_attn.o_proj": ("attention.output_dense",),
+            "mlp.gate_proj": ("gating_ffw",),
+            "mlp.up_proj": ("gating_ffw_2",),
+            "mlp.down_proj": ("ffw_linear",),
+        },
+        top_modules={"embed_tokens": "token_embedding"},
+        unmapped=("lm_head", "score"),
+    ),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Module:
+    """One Hugging Face module and the Keras layers it maps onto."""
+
+    name: str  # relative to the transformers base model
+    layers: tuple  # Keras layers; a fused module's outputs are theirs, in order
+
+
+def _attribute(obj, chain):
+    for attribute in chain.split("."):
+        obj = getattr(obj, attribute)
+    return obj
+
+
+def find_architecture(backbone):
+    """The `Architecture` of a KerasHub backbone, or None."""
+    names = {cls.__name__ for cls in type(backbone).__mro__}
+    for architecture in ARCHITECTURES:
+        if names.intersection(architecture.backbones):
+            return architecture
+    return None
+
+
+def supported_names():
+    return [a.name for a in ARCHITECTURES]
+
+
+def modules(backbone, architecture):
+    """Every mappable module of `backbone`: {base-relative name: Module}."""
+    found = {}
+    for name, attribute in architecture.top_modules.items():
+        found[name] = Module(name, (_attribute(backbone, attribute),))
+    for i, block in enumerate(backbone.transformer_layers):
+        prefix = architecture.block.format(i=i)
+        for name, chains in architecture.block_modules.items():
+            layers = tuple(_attribute(block, chain) for chain in chains)
+            found[f"{prefix}.{name}"] = Module(f"{prefix}.{name}", layers)
+    return found

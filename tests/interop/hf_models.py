@@ -1,0 +1,105 @@
+"""Tiny random Hugging Face transformers models, saved for KerasHub `from_preset`.
+
+Each architecture is built from a small config (hidden 32, one or two layers,
+vocabulary 64), so that the tests make everything they compare and download
+nothing. torch, transformers and peft are test-only dependencies.
+"""
+
+import numpy as np
+
+VOCAB = 64
+SEQ = 6
+
+
+def _configs():
+    import transformers
+
+    decoder = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    return {
+        "bert": (
+            transformers.BertConfig(
+                vocab_size=VOCAB,
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                intermediate_size=48,
+                max_position_embeddings=32,
+                hidden_act="gelu_pytorch_tanh",  # KerasHub BERT: tanh GELU
+            ),
+            transformers.BertModel,
+        ),
+        "gpt2": (
+            transformers.GPT2Config(
+                vocab_size=VOCAB,
+                n_embd=32,
+                n_layer=2,
+                n_head=2,
+                n_positions=32,
+                bos_token_id=0,
+                eos_token_id=0,
+            ),
+            transformers.GPT2LMHeadModel,
+        ),
+        "llama": (
+            transformers.LlamaConfig(**decoder, tie_word_embeddings=False),
+            transformers.LlamaForCausalLM,
+        ),
+        "mistral": (
+            transformers.MistralConfig(**decoder, tie_word_embeddings=False),
+            transformers.MistralForCausalLM,
+        ),
+        "gemma": (
+            transformers.GemmaConfig(
+                **decoder, head_dim=8, hidden_activation="gelu_pytorch_tanh"
+            ),
+            transformers.GemmaForCausalLM,
+        ),
+        "qwen2": (
+            transformers.Qwen2Config(**decoder, tie_word_embeddings=False),
+            transformers.Qwen2ForCausalLM,
+        ),
+    }
+
+
+ARCHITECTURES = ("bert", "gpt2", "llama", "mistral", "gemma", "qwen2")
+
+
+def make_hf_model(arch, seed=0):
+    """A tiny random transformers model of `arch`, in float32 and eval mode."""
+    import torch
+
+    config, cls = _configs()[arch]
+    torch.manual_seed(seed)
+    model = cls(config).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            # Mistral's KerasHub converter casts weights to float16: make them
+            # exactly representable so both sides start from the same model.
+            parameter.copy_(parameter.half().float())
+    return model
+
+
+def save_base(model, folder):
+    """Writes the base model (config.json, model.safetensors) to `folder`."""
+    model.save_pretrained(folder, safe_serialization=True)
+    return str(folder)
+
+
+def token_ids(batch=2, seq=SEQ, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(1, VOCAB, (batch, seq)).astype("int32")
+
+
+def keras_inputs(arch, ids):
+    x = {"token_ids": ids, "padding_mask": np.ones_like(ids)}
+    if arch == "bert":
+        x["segment_ids"] = np.zeros_like(ids)
+    return x

