@@ -84,6 +84,7 @@ def load_peft_adapter(model, path):
     prefix, named = _match_modules(grouped, context)
     _check_targets(config, prefix, named, context)
 
+    unique_path = _path_checker(model)
     plan = {}  # layer path -> (layer, lora config, A, B)
     for name, module in named.items():
         full = prefix + name
@@ -116,7 +117,7 @@ def load_peft_adapter(model, path):
                 a, b[start:stop], input_shape, output_shape
             )
             start = stop
-            plan[transform._unique_path(model, layer)] = (
+            plan[unique_path(layer)] = (
                 layer,
                 lora_config,
                 layer_a,
@@ -129,7 +130,7 @@ def load_peft_adapter(model, path):
         "layers": {p: dict(config) for p, (_, config, _, _) in plan.items()},
         "train_layers": [],
         "frozen_layers": [
-            transform._unique_path(model, layer)
+            unique_path(layer)
             for layer in targets_lib.sublayers(model)
             if not layer.trainable and layer.path
         ],
@@ -255,7 +256,10 @@ def save_peft_adapter(model, path, module_prefix=None):
 
 def _resolve(model):
     """Finds the KerasHub backbone of `model` and its architecture's modules."""
-    transform._check_model(model)
+    if not isinstance(model, keras.layers.Layer) or not model.built:
+        raise ValueError(
+            f"`model` must be a built Keras model. Received: model={model!r}"
+        )
     try:
         from keras_hub.models import Backbone
     except ImportError:
@@ -283,6 +287,23 @@ def _resolve(model):
         "modules": architectures.modules(backbone, architecture),
         "is_task": backbone is not model,
     }
+
+
+def _path_checker(model):
+    """`layer -> layer.path`, checked to name that layer only (specs use paths)."""
+    counts = collections.Counter(
+        layer.path for layer in targets_lib.sublayers(model) if layer.path
+    )
+
+    def unique_path(layer):
+        if not layer.path or counts[layer.path] != 1:
+            raise ValueError(
+                f"Layer '{layer.name}' has no unique path in model '{model.name}' "
+                f"(path={layer.path!r}); give the layers distinct names."
+            )
+        return layer.path
+
+    return unique_path
 
 
 def _read_config(path):
