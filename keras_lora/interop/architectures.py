@@ -15,6 +15,8 @@ its output features are theirs, concatenated in that order.
 
 import dataclasses
 
+import keras
+
 
 @dataclasses.dataclass(frozen=True)
 class Architecture:
@@ -33,6 +35,10 @@ class Architecture:
         unmapped: module names (suffixes) transformers models have that no
             KerasHub layer LoRA can adapt represents; kept so that written
             `target_modules` never select them by accident.
+        heads: task-head module names of the transformers task model ->
+            attribute of the KerasHub task (for `modules_to_save`).
+        conv1d: whether the block modules are GPT-2 `Conv1D`s, whose
+            weights are stored `(in_features, out_features)`.
     """
 
     name: str
@@ -42,6 +48,8 @@ class Architecture:
     block_modules: dict
     top_modules: dict
     unmapped: tuple = ()
+    heads: dict = dataclasses.field(default_factory=dict)
+    conv1d: bool = False
 
 
 _DECODER_MLP = {
@@ -90,6 +98,8 @@ ARCHITECTURES = (
             "pooler.dense": "pooled_dense",
         },
         unmapped=("embeddings.position_embeddings", "classifier", "cls"),
+        # BertForSequenceClassification's head; BertTextClassifier's Dense.
+        heads={"classifier": "output_dense"},
     ),
     Architecture(
         name="gpt2",
@@ -109,6 +119,7 @@ ARCHITECTURES = (
         },
         top_modules={"wte": "token_embedding"},
         unmapped=("wpe", "lm_head", "score"),
+        conv1d=True,
     ),
     _decoder("llama", ("LlamaBackbone",)),
     _decoder("mistral", ("MistralBackbone",)),
@@ -170,4 +181,14 @@ def modules(backbone, architecture):
         for name, chains in architecture.block_modules.items():
             layers = tuple(_attribute(block, chain) for chain in chains)
             found[f"{prefix}.{name}"] = Module(f"{prefix}.{name}", layers)
+    return found
+
+
+def heads(model, architecture):
+    """{module name: Keras layer} of the task heads `model` has."""
+    found = {}
+    for name, attribute in architecture.heads.items():
+        layer = getattr(model, attribute, None)
+        if isinstance(layer, keras.layers.Layer):
+            found[name] = layer
     return found

@@ -69,3 +69,33 @@ def to_peft(a, b):
     a_peft = np.transpose(np.reshape(a, (math.prod(a.shape[:-1]), rank)))
     b_peft = np.transpose(np.reshape(b, (rank, math.prod(b.shape[1:]))))
     return np.ascontiguousarray(a_peft), np.ascontiguousarray(b_peft)
+
+
+def _kernel_axes(layer):
+    """(kernel letters, input letters, output letters) of a Dense/EinsumDense."""
+    if isinstance(layer, keras.layers.EinsumDense):
+        split = split_einsum_equation(layer.equation)
+        return split["kernel"], split["input_axes"], split["output_axes"]
+    return "io", ["i"], ["o"]
+
+
+def weight_to_kernel(layer, weight):
+    """A transformers `Linear` weight `(out_features, in_features)` -> kernel.
+
+    The same rule as the factors: the kernel's output axes and input axes,
+    each flattened in kernel order, are `out_features` and `in_features`.
+    """
+    input_shape, output_shape, _ = layout(layer)
+    kernel, inputs, outputs = _kernel_axes(layer)
+    full = np.reshape(weight, tuple(output_shape) + tuple(input_shape))
+    order = [(list(outputs) + list(inputs)).index(c) for c in kernel]
+    return np.transpose(full, order)
+
+
+def kernel_to_weight(layer, kernel_value):
+    """The inverse of `weight_to_kernel`."""
+    input_shape, output_shape, _ = layout(layer)
+    kernel, inputs, outputs = _kernel_axes(layer)
+    order = [kernel.index(c) for c in list(outputs) + list(inputs)]
+    full = np.transpose(kernel_value, order)
+    return np.reshape(full, (math.prod(output_shape), math.prod(input_shape)))

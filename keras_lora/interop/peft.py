@@ -48,7 +48,9 @@ def load_peft_adapter(model, path):
     `c_attn`, which holds q, k and v) becomes LoRA on the separate q, k and v
     layers, sharing its A factor: the same update, exactly. Everything else is
     frozen, as with `enable_lora`; `merge_lora`, `save_adapter` and `fit` work
-    as usual.
+    as usual. Whole modules the adapter saves (`modules_to_save`, e.g. the
+    `classifier` of a sequence-classification adapter) are loaded into their
+    KerasHub layers, which then train in full (`train_layers`).
 
     Args:
         model: a built KerasHub backbone or task model (BERT, GPT-2, Llama,
@@ -61,9 +63,9 @@ def load_peft_adapter(model, path):
 
     Raises:
         ValueError: for anything that cannot be represented exactly (DoRA,
-            trained biases, `modules_to_save` weights, an unknown module or
-            architecture, shapes that do not fit the model); the model is
-            left untouched.
+            `lora_bias`, trained biases, `modules_to_save` for a module with no
+            KerasHub layer, an unknown module or architecture, shapes that do
+            not fit the model); the model is left untouched.
 
     Example:
 
@@ -80,11 +82,11 @@ def load_peft_adapter(model, path):
     config = _read_config(path)
     settings = peft_config.check(config)
     tensors = _read_weights(path)
-    grouped = _group_tensors(tensors, config)
+    grouped, saved = _group_tensors(tensors, config)
     prefix, named = _match_modules(grouped, context)
     _check_targets(config, prefix, named, context)
-
     unique_path = _path_checker(model)
+    trained = _saved_modules_plan(saved, prefix, context)
     plan = {}  # layer path -> (layer, lora config, A, B)
     for name, module in named.items():
         full = prefix + name
@@ -128,7 +130,7 @@ def load_peft_adapter(model, path):
         "version": transform.SPEC_VERSION,
         "targets": "peft",
         "layers": {p: dict(config) for p, (_, config, _, _) in plan.items()},
-        "train_layers": [],
+        "train_layers": [unique_path(layer) for layer, _ in trained],
         "frozen_layers": [
             unique_path(layer)
             for layer in targets_lib.sublayers(model)
@@ -136,12 +138,22 @@ def load_peft_adapter(model, path):
         ],
         "frozen_variables": [v.path for v in model.weights if not v.trainable],
     }
+    previous = [
+        (variable, keras.ops.convert_to_numpy(variable))
+        for layer, _ in trained
+        for variable in layer.weights
+    ]
     transform.apply_spec(model, spec)
     try:
         for layer, _, a, b in plan.values():
             layer.lora_a.assign(a)
             layer.lora_b.assign(b)
+        for layer, values in trained:
+            for name, value in values.items():
+                getattr(layer, name).assign(value.astype(getattr(layer, name).dtype))
     except Exception:
+        for variable, value in previous:
+            variable.assign(value)
         transform.revert(model, merge=False)
         raise
     return model
@@ -155,7 +167,10 @@ def save_peft_adapter(model, path, module_prefix=None):
     one LoRA module on the fused `c_attn`: with the A factor they share after
     `load_peft_adapter`, or otherwise with the factors stacked along the rank
     (rank r_q + r_k + r_v, each block scaled by its layer's scale), which is
-    the same update exactly.
+    the same update exactly. Layers whose base weights train
+    (`enable_lora(..., train_layers=...)`) are written whole, as PEFT's
+    `modules_to_save`, if they are task heads (BERT's classifier) or single
+    Dense/EinsumDense modules.
 
     Args:
         model: a KerasHub backbone or task model with LoRA layers (from
@@ -174,8 +189,8 @@ def save_peft_adapter(model, path, module_prefix=None):
         The folder path, as a string.
 
     Raises:
-        ValueError: if a LoRA layer has no PEFT module (a task head, a
-            position embedding), base weights were trained (`train_layers`),
+        ValueError: if a LoRA layer or a trained layer has no PEFT module
+            (a position embedding, a head with no transformers counterpart),
             or the update cannot be written exactly.
 
     Example:
@@ -191,13 +206,7 @@ def save_peft_adapter(model, path, module_prefix=None):
             f"Model '{model.name}' has no LoRA layer to save. Call "
             "`keras_lora.enable_lora(model)` or `load_peft_adapter` first."
         )
-    spec = transform.lora_spec(model)
-    if spec and spec.get("train_layers"):
-        raise ValueError(
-            "A PEFT LoRA adapter holds LoRA factors only, but this model also "
-            f"trains the base weights of layers {spec['train_layers']}. "
-            "Enable LoRA without `train_layers` to save a PEFT adapter."
-        )
+    spec = transform.lora_spec(model) or {}
     if module_prefix is None:
         module_prefix = (
             context["architecture"].task_prefix if context["is_task"] else ""
@@ -247,7 +256,12 @@ def save_peft_adapter(model, path, module_prefix=None):
         tensors[STATE_PREFIX + full + names[0]] = a
         tensors[STATE_PREFIX + full + names[1]] = b
         records[full] = record
+    saved = _saved_tensors(model, spec.get("train_layers", []), context, module_prefix)
+    for name, values in saved.items():
+        for parameter, value in values.items():
+            tensors[f"{STATE_PREFIX}{name}.{parameter}"] = value
     config = _write_config(records, context, module_prefix)
+    config["modules_to_save"] = sorted(saved) or None
     return _write_folder(path, config, tensors)
 
 
@@ -282,6 +296,7 @@ def _resolve(model):
             f"Supported architectures: {architectures.supported_names()}."
         )
     return {
+        "model": model,
         "backbone": backbone,
         "architecture": architecture,
         "modules": architectures.modules(backbone, architecture),
@@ -339,8 +354,14 @@ def _read_weights(path):
 
 
 def _group_tensors(tensors, config):
-    """{module name: {"a", "b", "kind", "base"?}} from the tensor names."""
+    """Sorts the tensors by module.
+
+    Returns:
+        `(grouped, saved)`: LoRA modules `{name: {"a", "b", "kind", "base"?}}`
+        and whole modules (`modules_to_save`) `{name: {"weight", "bias"?}}`.
+    """
     grouped = collections.defaultdict(dict)
+    saved = collections.defaultdict(dict)
     saved_modules = config.get("modules_to_save") or []
     for key, value in tensors.items():
         rest = key[len(STATE_PREFIX) :] if key.startswith(STATE_PREFIX) else None
@@ -358,15 +379,13 @@ def _group_tensors(tensors, config):
         if rest is not None and rest.endswith(_BASE_TABLE_SUFFIX):
             grouped[rest[: -len(_BASE_TABLE_SUFFIX)]]["base"] = value
             continue
-        if rest is not None and any(
-            rest == m or rest.startswith(m + ".") or f".{m}." in f".{rest}"
-            for m in saved_modules
+        module, _, parameter = (rest or "").rpartition(".")
+        if parameter in ("weight", "bias") and any(
+            module.endswith(m) for m in saved_modules
         ):
-            raise ValueError(
-                "The adapter saves whole modules (`modules_to_save`), which are "
-                "not LoRA factors and have no KerasHub mapping here. Received: "
-                f"modules_to_save={saved_modules}, tensor '{key}'"
-            )
+            # PEFT's `modules_to_save` rule: a module name ending in an entry.
+            saved[module][parameter] = value
+            continue
         raise ValueError(
             f"Tensor '{key}' is not a LoRA factor this loader knows (expected "
             f"'{STATE_PREFIX}<module>.lora_A.weight' and the like)."
@@ -380,7 +399,7 @@ def _group_tensors(tensors, config):
             )
     if not grouped:
         raise ValueError(f"{WEIGHTS_FILE} holds no LoRA factor.")
-    return grouped
+    return grouped, saved
 
 
 def _match_modules(grouped, context):
@@ -406,6 +425,59 @@ def _match_modules(grouped, context):
             f"The adapter's module names do not share one prefix: {sorted(prefixes)}."
         )
     return prefixes.pop(), named
+
+
+def _saved_modules_plan(saved, prefix, context):
+    """Maps `modules_to_save` weights onto whole Keras layers, checked.
+
+    Returns `[(layer, {"kernel": array, "bias": array?})]`.
+    """
+    heads = architectures.heads(context["model"], context["architecture"])
+    plan = []
+    for full, parameters in saved.items():
+        name = full[len(prefix) :] if full.startswith(prefix) else None
+        module = context["modules"].get(name)
+        if full in heads:
+            layer, conv1d = heads[full], False
+        elif module is not None and len(module.layers) == 1:
+            layer, conv1d = module.layers[0], context["architecture"].conv1d
+        else:
+            layer = None
+        if layer is None or not isinstance(
+            layer, (keras.layers.Dense, keras.layers.EinsumDense)
+        ):
+            raise ValueError(
+                f"The adapter saves the whole module '{full}' (`modules_to_save`), "
+                "which maps onto no KerasHub Dense or EinsumDense layer of this "
+                f"model. Mappable: {sorted(heads)} and single-layer modules like "
+                f"'{prefix}{next(iter(context['modules']))}'."
+            )
+        weight = parameters.get("weight")
+        input_shape, output_shape, _ = factors.layout(layer)
+        expected = (math.prod(output_shape), math.prod(input_shape))
+        if weight is not None and conv1d:
+            weight = weight.T
+        if weight is None or weight.shape != expected:
+            raise ValueError(
+                f"Saved module '{full}' must have a weight of shape {expected}. "
+                f"Received: {None if weight is None else weight.shape}"
+            )
+        values = {"kernel": factors.weight_to_kernel(layer, weight)}
+        bias = parameters.get("bias")
+        own_bias = getattr(layer, "bias", None)
+        if (bias is None) != (own_bias is None) or (
+            bias is not None and bias.size != math.prod(own_bias.shape)
+        ):
+            raise ValueError(
+                f"Saved module '{full}' has a bias of shape "
+                f"{None if bias is None else bias.shape}, the KerasHub layer "
+                f"'{layer.path}' one of shape "
+                f"{None if own_bias is None else tuple(own_bias.shape)}."
+            )
+        if bias is not None:
+            values["bias"] = np.reshape(bias, tuple(own_bias.shape))
+        plan.append((layer, values))
+    return plan
 
 
 def _check_targets(config, prefix, named, context):
@@ -542,6 +614,44 @@ def _fuse(module, adapted):
         }
     record["dropout"] = dropout
     return np.ascontiguousarray(a), np.ascontiguousarray(b), record
+
+
+def _saved_tensors(model, train_layers, context, module_prefix):
+    """`modules_to_save` tensors for the layers whose base weights train."""
+    if not train_layers:
+        return {}
+    by_path = {layer.path: layer for layer in targets_lib.sublayers(model)}
+    names = {
+        id(layer): (name, False)
+        for name, layer in architectures.heads(model, context["architecture"]).items()
+    }
+    for module in context["modules"].values():
+        if len(module.layers) == 1:
+            names.setdefault(
+                id(module.layers[0]),
+                (module_prefix + module.name, context["architecture"].conv1d),
+            )
+    saved = {}
+    for path in train_layers:
+        layer = by_path.get(path)
+        if id(layer) not in names or not isinstance(
+            layer, (keras.layers.Dense, keras.layers.EinsumDense)
+        ):
+            raise ValueError(
+                f"Layer '{path}' trains its base weights (`train_layers`), but "
+                "maps onto no transformers module PEFT can save whole "
+                "(`modules_to_save`): only task heads and single Dense/EinsumDense "
+                "modules can. Enable LoRA without it to save a PEFT adapter."
+            )
+        name, conv1d = names[id(layer)]
+        kernel = keras.ops.convert_to_numpy(layer.kernel).astype("float32")
+        weight = factors.kernel_to_weight(layer, kernel)
+        values = {"weight": np.ascontiguousarray(weight.T if conv1d else weight)}
+        if getattr(layer, "bias", None) is not None:
+            bias = keras.ops.convert_to_numpy(layer.bias).astype("float32")
+            values["bias"] = bias.reshape(-1)
+        saved[name] = values
+    return saved
 
 
 def _alpha_for(record, use_rslora):

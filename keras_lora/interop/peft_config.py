@@ -133,6 +133,10 @@ def is_targeted(config, module_name):
                 return False
         elif _in_list(excluded, module_name):
             return False
+    for saved in config.get("modules_to_save") or []:
+        # PEFT never puts LoRA on a module it saves whole.
+        if re.match(rf"(^|.*\.){saved}($|\..*)", module_name):
+            return False
     if isinstance(targets, str):
         return re.fullmatch(targets, module_name) is not None
     if module_name in targets:

@@ -29,7 +29,7 @@ def _configs():
                 vocab_size=VOCAB,
                 hidden_size=32,
                 num_hidden_layers=2,
-                num_attention_heads=2,
+                num_attention_heads=4,
                 intermediate_size=48,
                 max_position_embeddings=32,
                 hidden_act="gelu_pytorch_tanh",  # KerasHub BERT: tanh GELU
@@ -41,7 +41,7 @@ def _configs():
                 vocab_size=VOCAB,
                 n_embd=32,
                 n_layer=2,
-                n_head=2,
+                n_head=4,
                 n_positions=32,
                 bos_token_id=0,
                 eos_token_id=0,

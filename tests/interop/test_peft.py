@@ -7,6 +7,7 @@ everywhere). Nothing is downloaded.
 """
 
 import json
+import math
 import os
 
 import keras
@@ -15,13 +16,14 @@ import pytest
 
 import keras_lora
 from keras_lora import targets, transform
-from keras_lora.interop import safetensors_io
+from keras_lora.interop import architectures, factors, safetensors_io
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 keras_hub = pytest.importorskip("keras_hub")
 
+import hf_models  # noqa: E402
 from helpers import randomize_factors, to_numpy  # noqa: E402
 from hf_models import (  # noqa: E402
     ARCHITECTURES,
@@ -158,16 +160,38 @@ SAVE_PLANS = {
 }
 
 
+def check_module_table(hf_base, backbone, arch):
+    """Every mapped module's base weight is its Keras kernel, by the rule the
+    factors use (a direct check of the module table and of `factors.py`)."""
+    state = {k: v.numpy() for k, v in hf_base.state_dict().items()}
+    architecture = architectures.find_architecture(backbone)
+    for name, module in architectures.modules(backbone, architecture).items():
+        weight = state[name + ".weight"]
+        if factors.layout(module.layers[0])[2] == "embedding":
+            np.testing.assert_array_equal(to_numpy(module.layers[0].embeddings), weight)
+            continue
+        if architecture.conv1d:
+            weight = weight.T
+        start = 0
+        for layer in module.layers:
+            rows = math.prod(factors.layout(layer)[1])
+            kernel = factors.weight_to_kernel(layer, weight[start : start + rows])
+            np.testing.assert_array_equal(to_numpy(layer.kernel), kernel)
+            start += rows
+        assert start == weight.shape[0], name
+
+
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_load_and_save_match_peft(arch, tmp_path):
     ids = token_ids()
     hf = make_hf_model(arch)
     base_folder = save_base(hf, tmp_path / "base")
+    backbone = keras_hub.models.Backbone.from_preset(base_folder)
+    check_module_table(hf.base_model, backbone, arch)
     wrapped = peft_adapter(arch, hf, tmp_path / "adapter")
     expected = hf_outputs(wrapped.base_model.model.base_model, ids)
 
     # PEFT -> Keras.
-    backbone = keras_hub.models.Backbone.from_preset(base_folder)
     keras_lora.load_peft_adapter(backbone, tmp_path / "adapter")
     assert_close(keras_outputs(backbone, arch, ids), expected)
     assert all(v.trainable == ("lora_" in v.path) for v in backbone.weights)
@@ -232,6 +256,51 @@ def test_causal_lm_task_logits(arch, tmp_path):
     fresh = make_hf_model(arch)
     reloaded = peft.PeftModel.from_pretrained(fresh, tmp_path / "out").eval()
     assert type(reloaded).__name__ == "PeftModelForCausalLM"
+    with torch.no_grad():
+        again = reloaded(torch.tensor(ids, dtype=torch.long)).logits.numpy()
+    np.testing.assert_allclose(again, logits, atol=TOLERANCE, rtol=0)
+
+
+def test_bert_classifier_with_modules_to_save(tmp_path):
+    """A SEQ_CLS adapter saves the classifier (and here the pooler) whole."""
+    ids = token_ids()
+    config, _ = hf_models._configs()["bert"]
+    config.num_labels = 3
+    torch.manual_seed(0)
+    hf = transformers.BertForSequenceClassification(config).eval()
+    base_folder = save_base(hf, tmp_path / "base")
+    torch.manual_seed(1)
+    lora = peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        init_lora_weights=False,
+        task_type="SEQ_CLS",
+        target_modules=["query", "value"],
+        modules_to_save=["pooler.dense"],
+    )
+    wrapped = peft.get_peft_model(hf, lora).eval()
+    with torch.no_grad():
+        for module in (wrapped.base_model.model.classifier,):
+            for parameter in module.modules_to_save.default.parameters():
+                parameter.add_(1.0)  # make the saved head differ from the base
+        expected = wrapped(torch.tensor(ids, dtype=torch.long)).logits.numpy()
+    wrapped.save_pretrained(tmp_path / "adapter")
+
+    classifier = keras_hub.models.BertTextClassifier(
+        backbone=keras_hub.models.BertBackbone.from_preset(base_folder),
+        num_classes=3,
+        preprocessor=None,
+    )
+    keras_lora.load_peft_adapter(classifier, tmp_path / "adapter")
+    logits = to_numpy(classifier(keras_inputs("bert", ids)))
+    np.testing.assert_allclose(logits, expected, atol=TOLERANCE, rtol=0)
+    assert len(transform.lora_spec(classifier)["train_layers"]) == 2
+
+    keras_lora.save_peft_adapter(classifier, tmp_path / "out")
+    written = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert written["modules_to_save"] == ["bert.pooler.dense", "classifier"]
+    fresh = transformers.BertForSequenceClassification.from_pretrained(base_folder)
+    reloaded = peft.PeftModel.from_pretrained(fresh, tmp_path / "out").eval()
     with torch.no_grad():
         again = reloaded(torch.tensor(ids, dtype=torch.long)).logits.numpy()
     np.testing.assert_allclose(again, logits, atol=TOLERANCE, rtol=0)
