@@ -150,7 +150,7 @@ def load_peft_adapter(model, path):
             layer.lora_b.assign(b)
         for layer, values in trained:
             for name, value in values.items():
-                getattr(layer, name).assign(value.astype(getattr(layer, name).dtype))
+                getattr(layer, name).assign(value)  # cast to its dtype
     except Exception:
         for variable, value in previous:
             variable.assign(value)
@@ -543,9 +543,21 @@ def _check_base_table(full, table, layer):
         )
 
 
+def _uses_reverse_projection(model):
+    """Whether a task computes logits with its token embedding's transpose."""
+    import keras_hub
+
+    models = keras_hub.models
+    return isinstance(model, (models.CausalLM, models.Seq2SeqLM, models.MaskedLM))
+
+
 def _check_untied(layer, context, full):
     """PEFT's embedding LoRA leaves a tied output projection untouched; ours not."""
-    if context["is_task"] and getattr(layer, "tie_weights", False):
+    if (
+        context["is_task"]
+        and getattr(layer, "tie_weights", False)
+        and _uses_reverse_projection(context["model"])
+    ):
         raise ValueError(
             f"LoRA on the embedding '{full}' of a task model with tied input "
             "and output embeddings cannot be matched exactly: PEFT updates only "

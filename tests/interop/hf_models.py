@@ -11,7 +11,7 @@ VOCAB = 64
 SEQ = 6
 
 
-def _configs():
+def configs():
     import transformers
 
     decoder = dict(
@@ -76,7 +76,7 @@ def make_hf_model(arch, seed=0):
     """A tiny random transformers model of `arch`, in float32 and eval mode."""
     import torch
 
-    config, cls = _configs()[arch]
+    config, cls = configs()[arch]
     torch.manual_seed(seed)
     model = cls(config).eval()
     with torch.no_grad():

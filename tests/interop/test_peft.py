@@ -18,22 +18,24 @@ import keras_lora
 from keras_lora import targets, transform
 from keras_lora.interop import architectures, factors, safetensors_io
 
+# Nothing is fetched: set before transformers reads it at import.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 keras_hub = pytest.importorskip("keras_hub")
 
-import hf_models  # noqa: E402
-from helpers import randomize_factors, to_numpy  # noqa: E402
 from hf_models import (  # noqa: E402
     ARCHITECTURES,
+    configs,
     keras_inputs,
     make_hf_model,
     save_base,
     token_ids,
 )
 
-os.environ["HF_HUB_OFFLINE"] = "1"
+from helpers import randomize_factors, to_numpy  # noqa: E402
+
 TOLERANCE = 1e-4
 
 _ALL_LINEAR = {
@@ -264,7 +266,7 @@ def test_causal_lm_task_logits(arch, tmp_path):
 def test_bert_classifier_with_modules_to_save(tmp_path):
     """A SEQ_CLS adapter saves the classifier (and here the pooler) whole."""
     ids = token_ids()
-    config, _ = hf_models._configs()["bert"]
+    config, _ = configs()["bert"]
     config.num_labels = 3
     torch.manual_seed(0)
     hf = transformers.BertForSequenceClassification(config).eval()
@@ -275,7 +277,7 @@ def test_bert_classifier_with_modules_to_save(tmp_path):
         lora_alpha=8,
         init_lora_weights=False,
         task_type="SEQ_CLS",
-        target_modules=["query", "value"],
+        target_modules=["query", "value", "word_embeddings"],
         modules_to_save=["pooler.dense"],
     )
     wrapped = peft.get_peft_model(hf, lora).eval()
@@ -405,14 +407,8 @@ def test_unknown_architecture_raises(tmp_path):
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
     with pytest.raises(ValueError, match="KerasHub"):
         keras_lora.load_peft_adapter(model, tmp_path)
-    backbone = keras_hub.models.DistilBertBackbone(
-        vocabulary_size=64,
-        num_layers=1,
-        num_heads=2,
-        hidden_dim=32,
-        intermediate_dim=48,
-        max_sequence_length=16,
-    )
+    inputs = keras.Input((4,))
+    backbone = keras_hub.models.Backbone(inputs, keras.layers.ReLU()(inputs))
     with pytest.raises(ValueError, match="Supported architectures"):
         keras_lora.load_peft_adapter(backbone, tmp_path)
 
