@@ -128,6 +128,9 @@ def adapt(model, plan):
                     "alpha": alpha,
                     "dropout": 0.0,
                     "use_rslora": rslora,
+                    # Values come from randomize_factors; zeros compile less.
+                    "a_initializer": "zeros",
+                    "b_initializer": "zeros",
                 }
     assert layers, plan
     spec = {
@@ -364,42 +367,44 @@ def _q_proj_factors(rank=2, hidden=32, out=32, layer=0):
     }
 
 
-@pytest.mark.parametrize(
-    "config, extra, match",
-    [
-        ({"use_dora": True}, {}, "use_dora"),
-        ({"lora_bias": True}, {}, "lora_bias"),
-        ({"bias": "all"}, {}, "bias"),
-        ({"peft_type": "IA3"}, {}, "peft_type"),
-        (
-            {"modules_to_save": ["lm_head"]},
-            {"base_model.model.lm_head.weight": np.zeros((64, 32), "float32")},
-            "modules_to_save",
-        ),
-        ({}, _q_proj_factors(layer=5), "no KerasHub layer"),
-        (
-            {},
-            {"base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": None},
-            "lora_B",
-        ),
-        ({"target_modules": ["q_proj", "v_proj"]}, {}, "v_proj"),
-        ({"rank_pattern": {"q_proj": 3}}, {}, "shape"),
-        ({"r": 40}, _q_proj_factors(rank=40), "rank 40"),
-    ],
-)
-def test_unrepresentable_adapters_raise_and_change_nothing(
-    tmp_path, config, extra, match
-):
+# (config fields, tensors added (None: removed), expected message)
+UNREPRESENTABLE = [
+    ({"use_dora": True}, {}, "use_dora"),
+    ({"lora_bias": True}, {}, "lora_bias"),
+    ({"bias": "all"}, {}, "bias"),
+    ({"peft_type": "IA3"}, {}, "peft_type"),
+    (
+        {"modules_to_save": ["lm_head"]},
+        {"base_model.model.lm_head.weight": np.zeros((64, 32), "float32")},
+        "modules_to_save",
+    ),
+    ({}, _q_proj_factors(layer=5), "no KerasHub layer"),
+    (
+        {},
+        {"base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": None},
+        "lora_B",
+    ),
+    ({"target_modules": ["q_proj", "v_proj"]}, {}, "v_proj"),
+    ({"rank_pattern": {"q_proj": 3}}, {}, "shape"),
+    ({"r": 40}, _q_proj_factors(rank=40), "rank 40"),
+]
+
+
+def test_unrepresentable_adapters_raise_and_change_nothing(tmp_path):
     backbone = _tiny_llama()
     before = [to_numpy(v) for v in backbone.weights]
-    tensors = {k: v for k, v in {**_q_proj_factors(), **extra}.items() if v is not None}
-    _write_adapter(tmp_path, config, tensors)
-    with pytest.raises(ValueError, match=match):
-        keras_lora.load_peft_adapter(backbone, tmp_path)
-    assert not keras_lora.lora_layers(backbone)
-    assert all(v.trainable for v in backbone.weights)
-    for value, variable in zip(before, backbone.weights):
-        np.testing.assert_array_equal(value, to_numpy(variable))
+    for index, (config, extra, match) in enumerate(UNREPRESENTABLE):
+        folder = tmp_path / str(index)
+        tensors = {**_q_proj_factors(), **extra}
+        _write_adapter(
+            folder, config, {k: v for k, v in tensors.items() if v is not None}
+        )
+        with pytest.raises(ValueError, match=match):
+            keras_lora.load_peft_adapter(backbone, folder)
+        assert not keras_lora.lora_layers(backbone), match
+        assert all(v.trainable for v in backbone.weights), match
+        for value, variable in zip(before, backbone.weights):
+            np.testing.assert_array_equal(value, to_numpy(variable))
 
 
 def test_unknown_architecture_raises(tmp_path):
@@ -444,10 +449,10 @@ def test_save_errors(tmp_path):
     backbone = keras_hub.models.GPT2Backbone(
         vocabulary_size=64,
         num_layers=1,
-        num_heads=2,
+        num_heads=4,
         hidden_dim=32,
-        intermediate_dim=64,
-        max_sequence_length=16,
+        intermediate_dim=128,
+        max_sequence_length=32,
     )
     with pytest.raises(ValueError, match="no LoRA layer"):
         keras_lora.save_peft_adapter(backbone, tmp_path / "a")
@@ -462,15 +467,21 @@ def test_save_errors(tmp_path):
         backbone=keras_hub.models.BertBackbone(
             vocabulary_size=64,
             num_layers=1,
-            num_heads=2,
+            num_heads=4,
             hidden_dim=32,
             intermediate_dim=48,
-            max_sequence_length=16,
+            max_sequence_length=32,
         ),
         num_classes=2,
         preprocessor=None,
     )
     keras_lora.enable_lora(classifier, rank=2, targets=["query", "logits"])
     with pytest.raises(ValueError, match="logits"):
+        keras_lora.save_peft_adapter(classifier, tmp_path / "b")
+    keras_lora.merge_lora(classifier)
+    keras_lora.enable_lora(
+        classifier, rank=2, targets=["query"], train_layers=["embeddings_layer_norm"]
+    )
+    with pytest.raises(ValueError, match="embeddings_layer_norm"):
         keras_lora.save_peft_adapter(classifier, tmp_path / "b")
     assert os.listdir(tmp_path) == []
