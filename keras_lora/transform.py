@@ -105,6 +105,7 @@ def enable_lora(
             f"Layer '{targets_lib.describe(overlap[0])}' is in both `targets` and "
             "`train_layers`: an adapted layer's base weights stay frozen."
         )
+    unique_path = _path_checker(model)
     layer_config = {
         "rank": rank,
         "alpha": alpha,
@@ -116,10 +117,10 @@ def enable_lora(
         "targets": targets
         if targets is None or isinstance(targets, str)
         else (list(targets) if isinstance(targets, (list, tuple)) else "callable"),
-        "layers": {_unique_path(model, lyr): dict(layer_config) for lyr in selected},
-        "train_layers": [_unique_path(model, lyr) for lyr in trained],
+        "layers": {unique_path(lyr): dict(layer_config) for lyr in selected},
+        "train_layers": [unique_path(lyr) for lyr in trained],
         "frozen_layers": [
-            _unique_path(model, lyr)
+            unique_path(lyr)
             for lyr in targets_lib.sublayers(model)
             if not lyr.trainable and lyr.path
         ],
@@ -278,15 +279,25 @@ def _layers_by_path(model):
     return {path: found[0] for path, found in by_path.items() if len(found) == 1}
 
 
-def _unique_path(model, layer):
-    """`layer.path`, checked to name this layer only (adapters are keyed by it)."""
-    same = [lyr for lyr in targets_lib.sublayers(model) if lyr.path == layer.path]
-    if not layer.path or len(same) != 1:
-        raise ValueError(
-            f"Layer '{layer.name}' has no unique path in model '{model.name}' "
-            f"(path={layer.path!r}); give the layers distinct names."
-        )
-    return layer.path
+def _path_checker(model):
+    """Returns `layer -> layer.path`, checked to name that layer only.
+
+    Adapters and specs are keyed by path, so a path shared by two layers (two
+    nested models with equally named layers) must be an error, not a guess.
+    """
+    counts = {}
+    for lyr in targets_lib.sublayers(model):
+        counts[lyr.path] = counts.get(lyr.path, 0) + 1
+
+    def unique_path(layer):
+        if not layer.path or counts.get(layer.path) != 1:
+            raise ValueError(
+                f"Layer '{layer.name}' has no unique path in model '{model.name}' "
+                f"(path={layer.path!r}); give the layers distinct names."
+            )
+        return layer.path
+
+    return unique_path
 
 
 def _restore_trainable(model, spec):

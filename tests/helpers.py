@@ -8,6 +8,9 @@ SEQ = 8
 
 
 def to_numpy(x):
+    """A tensor as NumPy; a dict of outputs (BERT) as its flattened values."""
+    if isinstance(x, dict):
+        return np.concatenate([to_numpy(x[k]).reshape(-1) for k in sorted(x)])
     return np.asarray(keras.ops.convert_to_numpy(x))
 
 
@@ -55,19 +58,20 @@ def tiny_gpt2_causal_lm():
     )
 
 
-def tiny_bert_classifier(num_classes=2):
+def tiny_bert_classifier(num_classes=2, dropout=0.1, hidden=32):
     import keras_hub
 
     backbone = keras_hub.models.BertBackbone(
         vocabulary_size=VOCAB,
         num_layers=2,
         num_heads=2,
-        hidden_dim=32,
+        hidden_dim=hidden,
         intermediate_dim=64,
         max_sequence_length=32,
+        dropout=dropout,
     )
     return keras_hub.models.BertTextClassifier(
-        backbone=backbone, num_classes=num_classes, preprocessor=None
+        backbone=backbone, num_classes=num_classes, preprocessor=None, dropout=dropout
     )
 
 

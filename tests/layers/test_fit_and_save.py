@@ -3,9 +3,9 @@
 import keras
 import numpy as np
 import pytest
-from helpers import randomize_factors, to_numpy
 
 import keras_lora
+from helpers import randomize_factors, to_numpy
 
 
 def lora_model(dropout=0.0):

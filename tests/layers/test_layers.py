@@ -5,9 +5,9 @@ import math
 import keras
 import numpy as np
 import pytest
-from helpers import randomize_factors, to_numpy
 
 import keras_lora
+from helpers import randomize_factors, to_numpy
 from keras_lora.layers.einsum_dense import split_einsum_equation
 
 # (equation, output_shape, input shape): the KerasHub projections, a grouped
