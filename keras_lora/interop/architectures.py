@@ -124,6 +124,7 @@ ARCHITECTURES = (
     _decoder("llama", ("LlamaBackbone",)),
     _decoder("mistral", ("MistralBackbone",)),
     _decoder("qwen2", ("QwenBackbone",)),
+    _decoder("qwen3", ("Qwen3Backbone",)),
     Architecture(
         name="gemma",
         backbones=("GemmaBackbone",),

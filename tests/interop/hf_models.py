@@ -66,6 +66,10 @@ def configs():
             transformers.Qwen2Config(**decoder, tie_word_embeddings=False),
             transformers.Qwen2ForCausalLM,
         ),
+        "qwen3": (
+            transformers.Qwen3Config(**decoder, head_dim=8, tie_word_embeddings=False),
+            transformers.Qwen3ForCausalLM,
+        ),
     }
 
 
