@@ -103,7 +103,9 @@ def test_targets_that_match_nothing_raise_with_candidates():
         keras_lora.enable_lora(model, targets=lambda lyr: False)
     with pytest.raises(ValueError, match="not a valid regular expression"):
         keras_lora.enable_lora(model, targets=["head["])
-    with pytest.raises(ValueError, match=r"`targets` must be None.*Received: targets=42"):
+    with pytest.raises(
+        ValueError, match=r"`targets` must be None.*Received: targets=42"
+    ):
         keras_lora.enable_lora(model, targets=42)
     with pytest.raises(ValueError, match="cannot be adapted|LoRA adapts"):
         keras_lora.enable_lora(model, targets=["norm"])
@@ -165,7 +167,9 @@ def test_train_layers_stay_trainable_and_summary_counts():
     )
     assert "hidden: rank 2" in out.getvalue()
     with pytest.raises(ValueError, match="both `targets` and `train_layers`"):
-        keras_lora.enable_lora(functional_mlp(), targets=["head"], train_layers=["head"])
+        keras_lora.enable_lora(
+            functional_mlp(), targets=["head"], train_layers=["head"]
+        )
 
 
 def test_disable_lora_gives_base_outputs_exactly_then_restores():
@@ -211,6 +215,11 @@ def test_merge_lora_restores_classes_flags_and_keeps_outputs(make):
     )
     with pytest.raises(ValueError, match="no LoRA layer to merge"):
         keras_lora.merge_lora(model)
+    hidden = [lyr for lyr in model._flatten_layers() if lyr.name == "hidden"][0]
+    assert not hasattr(hidden, "lora_scale") and not hasattr(hidden, "rank")
+    # A merged model can be adapted again.
+    keras_lora.enable_lora(model, rank=2)
+    np.testing.assert_allclose(to_numpy(model(X)), adapted, rtol=1e-5, atol=1e-5)
 
 
 def test_enable_after_fit_recompiles_for_new_variables():

@@ -16,13 +16,19 @@ from keras import ops
 
 from keras_lora.layers import lora_math
 
-LORA_CONFIG_KEYS = (
+# Instance attributes a LoRA layer adds to its base layer.
+_LORA_ATTRIBUTES = (
     "rank",
     "alpha",
+    "_alpha_arg",
     "dropout",
     "use_rslora",
     "a_initializer",
     "b_initializer",
+    "lora_scale",
+    "lora_seed_generator",
+    "_lora_base_class",
+    "_lora_equations",
 )
 
 
@@ -241,6 +247,8 @@ class LoRALayer:
             object.__delattr__(self, name)
         if self.lora_seed_generator is not None:
             self._seed_generators.remove(self.lora_seed_generator)
-        object.__delattr__(self, "lora_seed_generator")
+        # Leave no LoRA attribute behind on the plain layer.
+        for name in _LORA_ATTRIBUTES:
+            self.__dict__.pop(name, None)
         self.__class__ = base_class
         return self
