@@ -96,7 +96,7 @@ def save_adapter(model, filepath):
     with atomic_write(filepath) as temporary:
         with zipfile.ZipFile(temporary, "w") as archive:
             archive.writestr(_METADATA, json.dumps(metadata, indent=2))
-            archive.writestr(_CONFIG, json.dumps(config, indent=2))
+            archive.writestr(_CONFIG, json.dumps(config))
             archive.writestr(_WEIGHTS, buffer.getvalue())
     return filepath
 
