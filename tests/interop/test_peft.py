@@ -482,8 +482,18 @@ def test_save_errors(tmp_path):
     task = keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
     with pytest.raises(ValueError, match="tied"):
         keras_lora.save_peft_adapter(task, tmp_path / "a")
-    assert not os.path.exists(tmp_path / "a")
     assert os.listdir(tmp_path) == []
+    # The backbone alone has no output projection: it saves, into an existing
+    # folder whose other files stay, with no temporary folder left behind.
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "README.md").write_text("mine")
+    keras_lora.save_peft_adapter(backbone, tmp_path / "kept")
+    assert sorted(os.listdir(tmp_path)) == ["kept"]
+    assert sorted(os.listdir(tmp_path / "kept")) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
 
     classifier = keras_hub.models.BertTextClassifier(
         backbone=keras_hub.models.BertBackbone(
@@ -506,4 +516,4 @@ def test_save_errors(tmp_path):
     )
     with pytest.raises(ValueError, match="embeddings_layer_norm"):
         keras_lora.save_peft_adapter(classifier, tmp_path / "b")
-    assert os.listdir(tmp_path) == []
+    assert os.listdir(tmp_path) == ["kept"]
