@@ -534,7 +534,13 @@ def _check_rank_fits(full, rank, layouts):
 
 
 def _check_base_table(full, table, layer):
+    """PEFT saves an adapted embedding's table; it must be the model's own."""
     own = keras.ops.convert_to_numpy(layer.embeddings).astype("float32")
+    if table.shape == own.shape:
+        # Rounded like the converter rounded it (bf16/fp16 models); a loose
+        # tolerance still tells a retrained table from the same one.
+        table = keras.ops.cast(table, layer.embeddings.dtype)
+        table = keras.ops.convert_to_numpy(table).astype("float32")
     if table.shape != own.shape or not np.allclose(table, own, rtol=1e-3, atol=1e-3):
         raise ValueError(
             f"The adapter carries its own embedding table for '{full}' (shape "
