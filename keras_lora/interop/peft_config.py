@@ -9,6 +9,11 @@ import math
 import numbers
 import re
 
+# The files of a PEFT adapter folder, and the prefix PEFT gives tensor names.
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+STATE_PREFIX = "base_model.model."
+
 # Config fields that change what a LoRA module computes or adds weights we
 # have no place for. Any truthy value is refused with a ValueError.
 UNSUPPORTED = {
