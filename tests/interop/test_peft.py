@@ -517,3 +517,18 @@ def test_save_errors(tmp_path):
     with pytest.raises(ValueError, match="embeddings_layer_norm"):
         keras_lora.save_peft_adapter(classifier, tmp_path / "b")
     assert os.listdir(tmp_path) == ["kept"]
+
+
+def test_runtime_imports_no_torch():
+    """The interop package reads and writes with NumPy: no torch, no peft."""
+    import ast
+    import pathlib
+
+    import keras_lora.interop as interop
+
+    for file in pathlib.Path(interop.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(file.read_text())):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] + [getattr(node, "module", "")]
+                roots = {(n or "").split(".")[0] for n in names}
+                assert not roots & {"torch", "transformers", "peft"}, file
