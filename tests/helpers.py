@@ -50,11 +50,11 @@ def tiny_gpt2_backbone(num_layers=2, hidden=32):
     )
 
 
-def tiny_gpt2_causal_lm():
+def tiny_gpt2_causal_lm(num_layers=2):
     import keras_hub
 
     return keras_hub.models.GPT2CausalLM(
-        backbone=tiny_gpt2_backbone(), preprocessor=None
+        backbone=tiny_gpt2_backbone(num_layers), preprocessor=None
     )
 
 
