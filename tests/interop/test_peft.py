@@ -38,6 +38,27 @@ from helpers import randomize_factors, to_numpy  # noqa: E402
 
 TOLERANCE = 1e-4
 
+
+@pytest.fixture(autouse=True)
+def _no_random_init(monkeypatch):
+    """Skips random initial values in these tests: `from_preset` overwrites
+    every weight with the checkpoint's, and on JAX each new shape would
+    compile its own threefry sampler (seconds each on CPU)."""
+    from keras.src.initializers.random_initializers import RandomInitializer
+
+    def zeros(self, shape, dtype=None):
+        return keras.ops.zeros(shape, dtype=dtype)
+
+    for cls in [RandomInitializer, *_subclasses(RandomInitializer)]:
+        if "__call__" in vars(cls):
+            monkeypatch.setattr(cls, "__call__", zeros)
+
+
+def _subclasses(cls):
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from _subclasses(sub)
+
 _ALL_LINEAR = {
     "bert": [
         "query",
