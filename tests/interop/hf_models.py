@@ -62,6 +62,12 @@ def configs():
             ),
             transformers.GemmaForCausalLM,
         ),
+        "gemma2": (
+            transformers.Gemma2Config(
+                **decoder, head_dim=8, query_pre_attn_scalar=8, sliding_window=4
+            ),
+            transformers.Gemma2ForCausalLM,
+        ),
         "qwen2": (
             transformers.Qwen2Config(**decoder, tie_word_embeddings=False),
             transformers.Qwen2ForCausalLM,
@@ -73,7 +79,7 @@ def configs():
     }
 
 
-ARCHITECTURES = ("bert", "gpt2", "llama", "mistral", "gemma", "qwen2")
+ARCHITECTURES = ("bert", "gpt2", "llama", "mistral", "gemma", "gemma2", "qwen2")
 
 
 def make_hf_model(arch, seed=0):

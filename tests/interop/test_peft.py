@@ -59,6 +59,7 @@ def _subclasses(cls):
         yield sub
         yield from _subclasses(sub)
 
+
 _ALL_LINEAR = {
     "bert": [
         "query",
@@ -91,6 +92,7 @@ PEFT_CONFIGS = {
         target_modules=[*_DECODER, "embed_tokens"],
         alpha_pattern={"o_proj": 2},
     ),
+    "gemma2": dict(target_modules=["q_proj", "o_proj", "up_proj", "embed_tokens"]),
     "qwen2": dict(target_modules=_DECODER, layers_to_transform=[1]),
     "qwen3": dict(target_modules="model.*(q_proj|v_proj|up_proj)", use_rslora=True),
 }
@@ -183,6 +185,7 @@ SAVE_PLANS = {
         r".*gate_dense": (4, 8.0, True),
     },
     "gemma": {r".*/key": (2, 4.0, False), r".*ffw_linear": (3, 4.0, False)},
+    "gemma2": {r".*/value": (2, 4.0, True), r".*ffw_gating": (3, 4.0, False)},
     "qwen2": {r".*transformer_layer_1/.*/query": (2, 4.0, False)},
     "qwen3": {r".*/key": (2, 4.0, True), r".*intermediate_dense": (3, 1.0, False)},
 }
