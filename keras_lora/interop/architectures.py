@@ -102,6 +102,30 @@ ARCHITECTURES = (
         heads={"classifier": "output_dense"},
     ),
     Architecture(
+        name="roberta",
+        backbones=("RobertaBackbone",),
+        task_prefix="roberta.",
+        block="encoder.layer.{i}",
+        block_modules={
+            "attention.self.query": ("_self_attention_layer._query_dense",),
+            "attention.self.key": ("_self_attention_layer._key_dense",),
+            "attention.self.value": ("_self_attention_layer._value_dense",),
+            "attention.output.dense": ("_self_attention_layer._output_dense",),
+            "intermediate.dense": ("_feedforward_intermediate_dense",),
+            "output.dense": ("_feedforward_output_dense",),
+        },
+        top_modules={"embeddings.word_embeddings": "token_embedding"},
+        unmapped=(
+            "embeddings.position_embeddings",
+            "embeddings.token_type_embeddings",
+            "pooler.dense",
+            "classifier.dense",
+            "classifier.out_proj",
+            "lm_head.dense",
+            "lm_head.decoder",
+        ),
+    ),
+    Architecture(
         name="gpt2",
         backbones=("GPT2Backbone",),
         task_prefix="transformer.",
@@ -126,7 +150,7 @@ ARCHITECTURES = (
     _decoder("qwen2", ("QwenBackbone",)),
     _decoder("qwen3", ("Qwen3Backbone",)),
     Architecture(
-        name="gemma",
+        name="gemma",  # and gemma2: same backbone class and module names
         backbones=("GemmaBackbone",),
         task_prefix="model.",
         block="layers.{i}",

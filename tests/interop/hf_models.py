@@ -36,6 +36,18 @@ def configs():
             ),
             transformers.BertModel,
         ),
+        "roberta": (
+            transformers.RobertaConfig(
+                vocab_size=VOCAB,
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                intermediate_size=48,
+                max_position_embeddings=40,
+                hidden_act="gelu",
+            ),
+            transformers.RobertaForMaskedLM,
+        ),
         "gpt2": (
             transformers.GPT2Config(
                 vocab_size=VOCAB,
@@ -79,7 +91,16 @@ def configs():
     }
 
 
-ARCHITECTURES = ("bert", "gpt2", "llama", "mistral", "gemma", "gemma2", "qwen2")
+ARCHITECTURES = (
+    "bert",
+    "roberta",
+    "gpt2",
+    "llama",
+    "mistral",
+    "gemma",
+    "gemma2",
+    "qwen2",
+)
 
 
 def make_hf_model(arch, seed=0):
@@ -94,6 +115,10 @@ def make_hf_model(arch, seed=0):
             # Mistral's KerasHub converter casts weights to float16: make them
             # exactly representable so both sides start from the same model.
             parameter.copy_(parameter.half().float())
+        if arch == "roberta":
+            # KerasHub's RoBERTa has no token-type embedding (RoBERTa
+            # checkpoints hold zeros there): match it.
+            model.base_model.embeddings.token_type_embeddings.weight.zero_()
     return model
 
 
@@ -104,8 +129,9 @@ def save_base(model, folder):
 
 
 def token_ids(batch=2, seq=SEQ, seed=0):
+    # From 2: RoBERTa counts positions after its padding id 1.
     rng = np.random.default_rng(seed)
-    return rng.integers(1, VOCAB, (batch, seq)).astype("int32")
+    return rng.integers(2, VOCAB, (batch, seq)).astype("int32")
 
 
 def keras_inputs(arch, ids):

@@ -81,6 +81,16 @@ PEFT_CONFIGS = {
         rank_pattern={"value": 2, "token_type_embeddings": 2},
         alpha_pattern={"query": 3},
     ),
+    "roberta": dict(
+        target_modules=[
+            "query",
+            "value",
+            "output.dense",
+            "intermediate.dense",
+            "word_embeddings",
+        ],
+        lora_dropout=0.1,
+    ),
     "gpt2": dict(target_modules=_ALL_LINEAR["gpt2"], rank_pattern={"c_fc": 2}),
     "llama": dict(
         target_modules=[*_DECODER, "embed_tokens"],
@@ -127,7 +137,8 @@ def peft_adapter(arch, hf, folder, **overrides):
     options.update(PEFT_CONFIGS[arch])
     options.update(overrides)
     torch.manual_seed(1)
-    wrapped = peft.get_peft_model(hf, peft.LoraConfig(**options))
+    # eval(): the LoRA dropout modules peft adds start in training mode.
+    wrapped = peft.get_peft_model(hf, peft.LoraConfig(**options)).eval()
     wrapped.save_pretrained(folder)
     return wrapped
 
@@ -174,6 +185,7 @@ def adapt(model, plan):
 # and (GPT-2) q and v without k, so c_attn needs the stacked form.
 SAVE_PLANS = {
     "bert": {r".*/query": (2, 4.0, True), r".*intermediate_dense": (3, 3.0, False)},
+    "roberta": {r".*/key": (2, 4.0, False), r".*output_dense": (3, 4.0, True)},
     "gpt2": {
         r".*self_attention/query": (2, 2.0, False),
         r".*self_attention/value": (3, 6.0, True),
