@@ -44,8 +44,9 @@ def load_peft_adapter(model, path):
     KerasHub layers, which then train in full (`train_layers`).
 
     Args:
-        model: a built KerasHub backbone or task model (BERT, GPT-2, Llama,
-            Mistral, Gemma, Qwen2) without LoRA layers.
+        model: a built KerasHub backbone or task model (BERT, RoBERTa,
+            GPT-2, Llama, Mistral, Gemma, Gemma 2, Qwen2, Qwen3; see
+            `architectures.py`) without LoRA layers.
         path: a folder with `adapter_config.json` and
             `adapter_model.safetensors`.
 
