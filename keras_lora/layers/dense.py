@@ -69,7 +69,7 @@ class LoRADense(LoRALayer, keras.layers.Dense):
     def call(self, inputs, training=None):
         a, b = self._lora_factors()
         x = ops.matmul(inputs, self._kernel)
-        low_rank = ops.matmul(self._lora_input(inputs, training), a)
+        low_rank = ops.matmul(self._lora_input(inputs, training), self._lora_down(a))
         x = ops.add(x, ops.matmul(self._scaled(low_rank), b))
         if self.bias is not None:
             x = ops.add(x, self.bias)

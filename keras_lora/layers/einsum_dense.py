@@ -148,12 +148,43 @@ class LoRAEinsumDense(LoRALayer, keras.layers.EinsumDense):
     def lora_merge_equation(self):
         return self._lora_equations["merge"]
 
+    def _lora_is_matmul(self):
+        """True if the LoRA path is `reshape(x, (-1, d_in)) @ A @ B` reshaped.
+
+        That is: no group axis, the contracted axes are the input's last axes
+        (in kernel order) and the output is the input's other axes followed by
+        the kernel's output axes (in kernel order), as for every KerasHub
+        attention projection. Two plain matmuls are cheaper than einsums on
+        PyTorch and let `_lora_down` lay A out for its backward pass.
+        """
+        eq = self._lora_equations
+        inputs = eq["down"].split(",")[0]
+        output = eq["up"].split("->")[1]
+        contracted = "".join(eq["input_axes"])
+        kept = inputs[: len(inputs) - len(contracted)]
+        return (
+            not eq["group_axes"]
+            and inputs.endswith(contracted)
+            and output == kept + "".join(eq["output_axes"])
+        )
+
     def call(self, inputs, training=None):
         a, b = self._lora_factors()
         equations = self._lora_equations
         x = ops.einsum(self.equation, inputs, self._kernel)
-        low_rank = ops.einsum(equations["down"], self._lora_input(inputs, training), a)
-        x = ops.add(x, ops.einsum(equations["up"], self._scaled(low_rank), b))
+        lora_inputs = self._lora_input(inputs, training)
+        if self._lora_is_matmul():
+            d_in = math.prod(a.shape[:-1])
+            low_rank = ops.matmul(
+                ops.reshape(lora_inputs, (-1, d_in)), self._lora_down(a)
+            )
+            update = ops.matmul(
+                self._scaled(low_rank), ops.reshape(b, (self.rank, -1))
+            )
+            x = ops.add(x, ops.reshape(update, ops.shape(x)))
+        else:
+            low_rank = ops.einsum(equations["down"], lora_inputs, a)
+            x = ops.add(x, ops.einsum(equations["up"], self._scaled(low_rank), b))
         if self.bias is not None:
             x = ops.add(x, self.bias)
         if self.activation is not None:

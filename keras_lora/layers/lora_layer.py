@@ -11,6 +11,8 @@ changes its class in place, so every reference held by a Functional graph or a
 KerasHub block stays valid) and turn back into its base class (`merge_lora`).
 """
 
+import math
+
 import keras
 from keras import ops
 
@@ -134,6 +136,20 @@ class LoRALayer:
         if self.lora_a.dtype != dtype:
             a, b = ops.cast(a, dtype), ops.cast(b, dtype)
         return a, b
+
+    def _lora_down(self, a):
+        """A as a `(d_in, rank)` matrix for `x @ A`, stored column-major.
+
+        Same values as `reshape(A, (d_in, rank))`, but held as a contiguous
+        copy of Aᵀ seen through a transpose (a copy of d_in·r numbers). On
+        PyTorch this makes autograd compute dA as `(dhᵀ x)ᵀ` instead of
+        `xᵀ dh`, a GEMM orientation its CPU kernels run several times faster
+        (see docs/benchmarks.md); XLA (JAX, TensorFlow) picks its own layouts.
+        """
+        d_in = math.prod(a.shape[:-1])
+        a_t = ops.transpose(ops.reshape(a, (d_in, self.rank)))
+        a_t = ops.reshape(ops.reshape(a_t, (d_in * self.rank,)), (self.rank, d_in))
+        return ops.transpose(a_t)
 
     def _scaled(self, x):
         """Multiplies the small rank-r intermediate by s (skipped when s = 1)."""

@@ -1,0 +1,1 @@
+"""Side-by-side benchmarks of keras-lora; run `python benchmarks/run.py`."""
