@@ -17,6 +17,25 @@ class _LoRALookup(LoRALayer):
 
     _lora_kernel_attr = "_embeddings"
 
+    def __init__(
+        self,
+        input_dim,
+        output_dim,
+        rank=8,
+        alpha=None,
+        dropout=0.0,
+        use_rslora=False,
+        a_initializer=EMBEDDING_A_INITIALIZER,
+        b_initializer=EMBEDDING_B_INITIALIZER,
+        **kwargs,
+    ):
+        super().__init__(input_dim, output_dim, **kwargs)
+        self._init_lora(rank, alpha, dropout, use_rslora, a_initializer, b_initializer)
+
+    def build(self, input_shape=None):
+        super().build(input_shape)
+        self._build_lora()
+
     def _lora_layout(self):
         d_in, d_out = self._embeddings.shape
         return (d_in, self.rank), (self.rank, d_out), d_in, d_out
@@ -87,25 +106,6 @@ class LoRAEmbedding(_LoRALookup, keras.layers.Embedding):
 
     _lora_base = keras.layers.Embedding
 
-    def __init__(
-        self,
-        input_dim,
-        output_dim,
-        rank=8,
-        alpha=None,
-        dropout=0.0,
-        use_rslora=False,
-        a_initializer=EMBEDDING_A_INITIALIZER,
-        b_initializer=EMBEDDING_B_INITIALIZER,
-        **kwargs,
-    ):
-        super().__init__(input_dim, output_dim, **kwargs)
-        self._init_lora(rank, alpha, dropout, use_rslora, a_initializer, b_initializer)
-
-    def build(self, input_shape=None):
-        super().build(input_shape)
-        self._build_lora()
-
     def call(self, inputs, training=None):
         return self._lookup(inputs, training)
 
@@ -121,27 +121,6 @@ if hasattr(keras.layers, "ReversibleEmbedding"):
         """
 
         _lora_base = keras.layers.ReversibleEmbedding
-
-        def __init__(
-            self,
-            input_dim,
-            output_dim,
-            rank=8,
-            alpha=None,
-            dropout=0.0,
-            use_rslora=False,
-            a_initializer=EMBEDDING_A_INITIALIZER,
-            b_initializer=EMBEDDING_B_INITIALIZER,
-            **kwargs,
-        ):
-            super().__init__(input_dim, output_dim, **kwargs)
-            self._init_lora(
-                rank, alpha, dropout, use_rslora, a_initializer, b_initializer
-            )
-
-        def build(self, input_shape=None):
-            super().build(input_shape)
-            self._build_lora()
 
         def call(self, inputs, reverse=False, training=None):
             if not reverse:
