@@ -114,7 +114,7 @@ def main(argv=None):
     assert not keras_lora.lora_layers(model)
     merged_path = os.path.join(out, "task_b.keras")
     model.save(merged_path)
-    reloaded = keras.saving.load_model(merged_path)
+    reloaded = keras.saving.load_model(merged_path, compile=False)  # inference
     diff = np.abs(keras.ops.convert_to_numpy(reloaded(task_b[0][:8])) - prediction)
     print(
         f"adapter: {adapter} ({os.path.getsize(adapter):,} bytes); merged model "

@@ -55,7 +55,9 @@ def build_parser():
             "and checks that the outputs match. Writes report.md/report.json, "
             "base.keras, adapter.keras and merged.keras into --out."
         ),
-        epilog="Example: KERAS_BACKEND=jax keras-lora demo --out /tmp/demo",
+        epilog="The backend is Keras's: set KERAS_BACKEND=jax|torch|tensorflow "
+        "(the report says which ran). Example: KERAS_BACKEND=torch keras-lora "
+        "demo --out /tmp/demo",
     )
     demo.add_argument(
         "--out",

@@ -309,7 +309,13 @@ def format_report(r):
     lines = [
         f"# keras-lora demo report: {r['backend']} backend",
         "",
-        f"- base model: {r['model']}",
+        f"- base model: {r['model']}"
+        + (
+            f", pre-trained {r['pretrain_epochs']} epochs on {demo_data.BASE_TEXT}"
+            if r["pretrain_epochs"]
+            else ""
+        ),
+        f"- target text: {demo_data.TARGET_TEXT}",
         f"- Keras {r['keras_version']}, keras-lora {r['keras_lora_version']}, "
         f"KERAS_BACKEND={r['backend']}",
         f"- LoRA: rank {r['rank']} on {len(r['adapted_layers'])} layers "
