@@ -65,12 +65,14 @@ def _release_free_heap():
         pass
 
 
-def child_main(variant, config, steps, dropout):
+def child_main(variant, config, steps, dropout, jit_compile=True):
     """Runs in the child process: build, train, print the memory figures."""
     from benchmarks import models
 
     method, targets = models.TRAIN_VARIANTS[variant]
-    model = models.make_variant(method, targets, config, dropout=dropout)
+    model = models.make_variant(
+        method, targets, config, dropout=dropout, jit_compile=jit_compile
+    )
     x, y = models.make_batch(config)
     before = _status_mb("VmRSS") or 0.0
     resettable = _reset_peak()

@@ -47,7 +47,9 @@ def test_harness_runs_at_tiny_size(tmp_path, capsys):
 
 
 def test_memory_child_reports_json(capsys):
-    memory.child_main("keras-lora q/v", models.TINY, steps=1, dropout=0.0)
+    memory.child_main(
+        "keras-lora q/v", models.TINY, steps=1, dropout=0.0, jit_compile=False
+    )
     line = [
         x for x in capsys.readouterr().out.splitlines() if x.startswith(memory.MARKER)
     ][-1]
