@@ -100,9 +100,16 @@ def measure(variants, config_name, steps, dropout, torch_threads=None, timeout=1
     out = {}
     for variant in variants:
         command = [
-            sys.executable, run_py, "--memory-child", variant,
-            "--config", config_name, "--steps", str(steps),
-            "--dropout", str(dropout),
+            sys.executable,
+            run_py,
+            "--memory-child",
+            variant,
+            "--config",
+            config_name,
+            "--steps",
+            str(steps),
+            "--dropout",
+            str(dropout),
         ]
         if torch_threads:
             command += ["--torch-threads", str(torch_threads)]
@@ -114,5 +121,5 @@ def measure(variants, config_name, steps, dropout, torch_threads=None, timeout=1
             raise RuntimeError(
                 f"Memory child for {variant!r} failed:\n{result.stderr[-3000:]}"
             )
-        out[variant] = json.loads(lines[-1][len(MARKER):])
+        out[variant] = json.loads(lines[-1][len(MARKER) :])
     return out

@@ -72,9 +72,7 @@ def build_classifier(config, seed=0, dropout=0.1):
     sequence = backbone({"token_ids": token_ids, "padding_mask": padding_mask})
     pooled = keras.layers.GlobalAveragePooling1D(name="pool")(sequence)
     logits = keras.layers.Dense(2, name="head")(pooled)
-    return keras.Model(
-        {"token_ids": token_ids, "padding_mask": padding_mask}, logits
-    )
+    return keras.Model({"token_ids": token_ids, "padding_mask": padding_mask}, logits)
 
 
 def make_batch(config, seed=0):
@@ -103,9 +101,7 @@ def apply_builtin_lora(model, layers, rank):
     head = model.get_layer("head")
     head_ids = {id(v) for v in head.weights}
     for variable in model.weights:
-        variable.trainable = (
-            variable.name in lora_names or id(variable) in head_ids
-        )
+        variable.trainable = variable.name in lora_names or id(variable) in head_ids
 
 
 def make_variant(method, targets, config, seed=0, dropout=0.1, jit_compile=True):

@@ -71,13 +71,15 @@ def formulations():
     def lora_concat(x, w, a, b, g):
         # [x, xA] @ [[W], [B]]: one big matmul instead of two plus an add.
         h = ops.matmul(x, a)
-        return out(ops.matmul(ops.concatenate([x, h], -1),
-                              ops.concatenate([w, b], 0)), g)
+        return out(
+            ops.matmul(ops.concatenate([x, h], -1), ops.concatenate([w, b], 0)), g
+        )
 
     def lora_einsum(x, w, a, b, g):
         h = ops.einsum("btc,cr->btr", x, a)
-        return out(ops.add(ops.einsum("btc,cd->btd", x, w),
-                           ops.einsum("btr,rd->btd", h, b)), g)
+        return out(
+            ops.add(ops.einsum("btc,cd->btd", x, w), ops.einsum("btr,rd->btd", h, b)), g
+        )
 
     def column_major(a):
         # A contiguous copy of A^T, seen through a transpose: torch then
@@ -88,26 +90,33 @@ def formulations():
         return ops.transpose(ops.reshape(flat, (cols, rows)))
 
     def lora_cm(x, w, a, b, g):
-        return out(ops.add(ops.matmul(x, w),
-                           ops.matmul(ops.matmul(x, column_major(a)), b)), g)
+        return out(
+            ops.add(ops.matmul(x, w), ops.matmul(ops.matmul(x, column_major(a)), b)), g
+        )
 
     return {
         "frozen base (dX only)": (lambda x, w, a, b, g: out(ops.matmul(x, w), g), (0,)),
         "full fine-tuning (dX, dW)": (
-            lambda x, w, a, b, g: out(ops.matmul(x, w), g), (0, 1)),
+            lambda x, w, a, b, g: out(ops.matmul(x, w), g),
+            (0, 1),
+        ),
         "keras built-in LoRA": (
             lambda x, w, a, b, g: out(ops.matmul(x, ops.add(w, ops.matmul(a, b))), g),
-            (0, 2, 3)),
+            (0, 2, 3),
+        ),
         "keras-lora (x@W + (x@A)@B)": (lora, (0, 2, 3)),
         "LoRA path alone ((x@A)@B)": (
-            lambda x, w, a, b, g: out(ops.matmul(ops.matmul(x, a), b), g), (0, 2, 3)),
+            lambda x, w, a, b, g: out(ops.matmul(ops.matmul(x, a), b), g),
+            (0, 2, 3),
+        ),
         "alt: 2-D reshape first": (lora_2d, (0, 2, 3)),
         "alt: einsum": (lora_einsum, (0, 2, 3)),
         "alt: concat [x, xA] @ [W; B]": (lora_concat, (0, 2, 3)),
         "alt: column-major A": (lora_cm, (0, 2, 3)),
         "alt: column-major A, path alone": (
             lambda x, w, a, b, g: out(ops.matmul(ops.matmul(x, column_major(a)), b), g),
-            (0, 2, 3)),
+            (0, 2, 3),
+        ),
     }
 
 
@@ -119,8 +128,12 @@ def main(argv=None):
     parser.add_argument("--d-out", type=int, default=768)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--only", default=None, help="comma-separated names")
-    parser.add_argument("--torch-threads", type=int, default=None,
-                        help="torch.set_num_threads (PyTorch only)")
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads (PyTorch only)",
+    )
     args = parser.parse_args(argv)
     if args.torch_threads:
         import torch
@@ -133,8 +146,11 @@ def main(argv=None):
     from benchmarks.timing import interleaved, median
 
     rng = np.random.default_rng(0)
-    shape_x = (args.tokens // 128, 128, args.d_in) if args.tokens >= 128 else (
-        1, args.tokens, args.d_in)
+    shape_x = (
+        (args.tokens // 128, 128, args.d_in)
+        if args.tokens >= 128
+        else (1, args.tokens, args.d_in)
+    )
     arrays = [
         rng.normal(size=shape_x),
         rng.normal(size=(args.d_in, args.d_out)) * 0.02,
@@ -153,12 +169,16 @@ def main(argv=None):
     times, cpu = interleaved(functions, args.rounds)
     base = median(times[next(iter(times))])
     base_cpu = median(cpu[next(iter(cpu))])
-    print(f"backend {keras.backend.backend()}: tokens {args.tokens}, "
-          f"{args.d_in} -> {args.d_out}, rank {args.rank}, {args.rounds} rounds")
+    print(
+        f"backend {keras.backend.backend()}: tokens {args.tokens}, "
+        f"{args.d_in} -> {args.d_out}, rank {args.rank}, {args.rounds} rounds"
+    )
     for name, values in times.items():
-        print(f"  {name:32s} {median(values) * 1000:8.2f} ms  "
-              f"x{median(values) / base:.2f} of the first row  (CPU time "
-              f"x{median(cpu[name]) / base_cpu:.2f})")
+        print(
+            f"  {name:32s} {median(values) * 1000:8.2f} ms  "
+            f"x{median(values) / base:.2f} of the first row  (CPU time "
+            f"x{median(cpu[name]) / base_cpu:.2f})"
+        )
     return times
 
 

@@ -3,14 +3,30 @@
 # name -> (numerator, denominator, section, target): ratio of medians <= target.
 TARGETS = {
     "train: keras-lora / keras built-in (q/v)": (
-        "keras-lora q/v", "keras built-in q/v", "train", 0.85),
+        "keras-lora q/v",
+        "keras built-in q/v",
+        "train",
+        0.85,
+    ),
     "train: keras-lora / keras built-in (all-linear)": (
-        "keras-lora all-linear", "keras built-in all-linear", "train", 0.70),
+        "keras-lora all-linear",
+        "keras built-in all-linear",
+        "train",
+        0.70,
+    ),
     "train: keras-lora (q/v) / full fine-tuning": (
-        "keras-lora q/v", "full fine-tuning", "train", 0.55),
+        "keras-lora q/v",
+        "full fine-tuning",
+        "train",
+        0.55,
+    ),
     "inference: merged / base": ("merged", "base", "inference", 1.02),
     "inference: keras-lora unmerged / base": (
-        "keras-lora unmerged", "base", "inference", None),
+        "keras-lora unmerged",
+        "base",
+        "inference",
+        None,
+    ),
 }
 
 
@@ -40,7 +56,9 @@ def ratios(results):
     files = results.get("files")
     if files and "adapter_over_full" in files:
         out["file size: adapter / full model"] = {
-            "value": files["adapter_over_full"], "target": None}
+            "value": files["adapter_over_full"],
+            "target": None,
+        }
     for item in out.values():
         target = item["target"]
         item["met"] = None if target is None else item["value"] <= target
@@ -65,15 +83,15 @@ def table(results):
         target = "-" if item["target"] is None else f"<= {item['target']:.2f}"
         met = "-" if item["met"] is None else ("yes" if item["met"] else "NO")
         cpu = f"{item['cpu_value']:.3f}" if "cpu_value" in item else "-"
-        lines.append(
-            f"| {name} | {item['value']:.3f} | {cpu} | {target} | {met} |")
+        lines.append(f"| {name} | {item['value']:.3f} | {cpu} | {target} | {met} |")
     lines.append("")
     for section in ("train", "inference"):
         for name, data in results.get(section, {}).items():
             if isinstance(data, dict) and "median_s" in data:
                 extra = (
                     f", {data['trainable_params']:,} trainable"
-                    if "trainable_params" in data else ""
+                    if "trainable_params" in data
+                    else ""
                 )
                 lines.append(
                     f"{section} {name}: median {_fmt_s(data['median_s'])} "
@@ -97,7 +115,9 @@ def table(results):
         )
     large = results.get("large")
     if large:
-        parts = [f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v:,}"
-                 for k, v in large.items()]
+        parts = [
+            f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v:,}"
+            for k, v in large.items()
+        ]
         lines.append("large model: " + ", ".join(parts))
     return "\n".join(lines)

@@ -27,23 +27,49 @@ SECTIONS = ("train", "inference", "memory", "files", "large")
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tiny", action="store_true",
-                        help="tiny model and few rounds (a smoke test)")
-    parser.add_argument("--rounds", type=int, default=None,
-                        help="interleaved rounds (default 9; tiny: 2)")
-    parser.add_argument("--steps", type=int, default=None,
-                        help="steps per variant per round (default 1; tiny: 1)")
-    parser.add_argument("--dropout", type=float, default=0.1,
-                        help="backbone dropout (GPT-2's 0.1 by default)")
-    parser.add_argument("--variants", default=None,
-                        help="comma-separated training variants (default: all)")
-    parser.add_argument("--sections", default=",".join(SECTIONS),
-                        help=f"comma-separated subset of {','.join(SECTIONS)}")
+    parser.add_argument(
+        "--tiny", action="store_true", help="tiny model and few rounds (a smoke test)"
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="interleaved rounds (default 9; tiny: 2)",
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="steps per variant per round (default 1; tiny: 1)",
+    )
+    parser.add_argument(
+        "--dropout",
+        type=float,
+        default=0.1,
+        help="backbone dropout (GPT-2's 0.1 by default)",
+    )
+    parser.add_argument(
+        "--variants",
+        default=None,
+        help="comma-separated training variants (default: all)",
+    )
+    parser.add_argument(
+        "--sections",
+        default=",".join(SECTIONS),
+        help=f"comma-separated subset of {','.join(SECTIONS)}",
+    )
     parser.add_argument("--json", default=None, help="where to write the results")
-    parser.add_argument("--torch-threads", type=int, default=None,
-                        help="torch.set_num_threads (PyTorch only; default: torch's)")
-    parser.add_argument("--no-jit", action="store_true",
-                        help="jit_compile=False (smoke tests only: not the benchmark)")
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads (PyTorch only; default: torch's)",
+    )
+    parser.add_argument(
+        "--no-jit",
+        action="store_true",
+        help="jit_compile=False (smoke tests only: not the benchmark)",
+    )
     # Internal: one memory-measurement child process.
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--config", default="default", help=argparse.SUPPRESS)
@@ -114,14 +140,20 @@ def main(argv=None):
     results = {
         "backend": backend,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime(
-            "%Y-%m-%d %H:%M UTC"),
+            "%Y-%m-%d %H:%M UTC"
+        ),
         "machine": machine(),
         "config": config,
         "large_config": large_config,
-        "settings": {"rounds": rounds, "steps": n_steps, "dropout": args.dropout,
-                     "jit_compile": jit, "optimizer": "Adam(1e-4)",
-                     "torch_threads": args.torch_threads,
-                     "sections": sections},
+        "settings": {
+            "rounds": rounds,
+            "steps": n_steps,
+            "dropout": args.dropout,
+            "jit_compile": jit,
+            "optimizer": "Adam(1e-4)",
+            "torch_threads": args.torch_threads,
+            "sections": sections,
+        },
     }
 
     started = time.perf_counter()
@@ -133,17 +165,27 @@ def main(argv=None):
     if "train" in sections:
         log("training steps ...")
         results["train"] = steps.training(
-            config, rounds, n_steps, args.dropout, jit_compile=jit,
-            variants=args.variants.split(",") if args.variants else None)
+            config,
+            rounds,
+            n_steps,
+            args.dropout,
+            jit_compile=jit,
+            variants=args.variants.split(",") if args.variants else None,
+        )
     if "inference" in sections:
         log("inference ...")
         results["inference"] = steps.inference(
-            config, rounds, max(n_steps, 3), args.dropout, jit_compile=jit)
+            config, rounds, max(n_steps, 3), args.dropout, jit_compile=jit
+        )
     if "memory" in sections:
         log("peak memory (child processes) ...")
         results["memory"] = memory.measure(
-            ["keras-lora q/v", "full fine-tuning"], config_name,
-            2, args.dropout, args.torch_threads)
+            ["keras-lora q/v", "full fine-tuning"],
+            config_name,
+            2,
+            args.dropout,
+            args.torch_threads,
+        )
     if "files" in sections:
         log("file sizes ...")
         results["files"] = files.file_sizes(config, args.dropout)

@@ -16,7 +16,8 @@ def training(config, rounds, steps, dropout, variants=None, jit_compile=True):
     for name in variants:
         method, targets = models.TRAIN_VARIANTS[name]
         model = models.make_variant(
-            method, targets, config, dropout=dropout, jit_compile=jit_compile)
+            method, targets, config, dropout=dropout, jit_compile=jit_compile
+        )
         # The first step compiles; it is reported, not timed with the others.
         _, compile_s = timed(lambda m=model: m.train_on_batch(x, y))
         built[name] = model
@@ -66,8 +67,10 @@ def inference(config, rounds, steps, dropout, jit_compile=True):
     for model in built.values():
         model.compile(jit_compile=jit_compile)
         model.predict_on_batch(x)  # compile
-    outputs = {n: np.asarray(ops.convert_to_numpy(m.predict_on_batch(x)))
-               for n, m in built.items()}
+    outputs = {
+        n: np.asarray(ops.convert_to_numpy(m.predict_on_batch(x)))
+        for n, m in built.items()
+    }
     times, cpu = interleaved(
         {n: (lambda m=m: m.predict_on_batch(x)) for n, m in built.items()},
         rounds,

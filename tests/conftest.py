@@ -1,9 +1,8 @@
 import os
 import sys
 
-import pytest
-
 import keras
+import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 

@@ -30,7 +30,10 @@ def test_harness_runs_at_tiny_size(tmp_path, capsys):
     saved = json.loads(path.read_text())
     assert saved["backend"] == results["backend"]
     assert set(saved["train"]) == {
-        "keras-lora q/v", "keras built-in q/v", "full fine-tuning"}
+        "keras-lora q/v",
+        "keras built-in q/v",
+        "full fine-tuning",
+    }
     for data in saved["train"].values():
         assert data["median_s"] > 0
     # keras-lora trains far fewer parameters than full fine-tuning.
@@ -43,7 +46,10 @@ def test_harness_runs_at_tiny_size(tmp_path, capsys):
     assert "train: keras-lora / keras built-in (q/v)" in saved["ratios"]
     assert "inference: merged / base" in saved["ratios"]
     assert saved["large"]["enable_lora_s"] >= 0
-    assert "| measure | ratio (wall) | ratio (CPU time) | target | met (wall) |" in capsys.readouterr().out
+    assert (
+        "| measure | ratio (wall) | ratio (CPU time) | target | met (wall) |"
+        in capsys.readouterr().out
+    )
 
 
 def test_memory_child_reports_json(capsys):
@@ -53,6 +59,6 @@ def test_memory_child_reports_json(capsys):
     line = [
         x for x in capsys.readouterr().out.splitlines() if x.startswith(memory.MARKER)
     ][-1]
-    result = json.loads(line[len(memory.MARKER):])
+    result = json.loads(line[len(memory.MARKER) :])
     assert result["variant"] == "keras-lora q/v"
     assert result["peak_rss_mb"] > 0

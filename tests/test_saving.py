@@ -210,7 +210,9 @@ def test_export_merged_loads_without_keras_lora(trained, tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "LoRA" not in result.stdout and "BertTextClassifier" in result.stdout
-    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        np.load(tmp_path / "y.npy"), expected, rtol=1e-5, atol=1e-5
+    )
     # And the live model keeps training.
     model.fit(x, Y[:4], epochs=1, verbose=0)
 

@@ -178,9 +178,7 @@ class LoRAEinsumDense(LoRALayer, keras.layers.EinsumDense):
             low_rank = ops.matmul(
                 ops.reshape(lora_inputs, (-1, d_in)), self._lora_down(a)
             )
-            update = ops.matmul(
-                self._scaled(low_rank), ops.reshape(b, (self.rank, -1))
-            )
+            update = ops.matmul(self._scaled(low_rank), ops.reshape(b, (self.rank, -1)))
             x = ops.add(x, ops.reshape(update, ops.shape(x)))
         else:
             low_rank = ops.einsum(equations["down"], lora_inputs, a)
