@@ -15,18 +15,8 @@ from keras_lora import cli
 pytest.importorskip("keras_hub")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """The demo model is tiny: one torch thread is faster on a busy CPU."""
-    if keras.backend.backend() != "torch":
-        yield
-        return
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models: one torch thread is faster, much faster on a busy CPU.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 
-import keras
 import numpy as np
 import pytest
 
@@ -24,18 +23,8 @@ def load_example(name):
     return module
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Small models: one torch thread is faster on a busy 2-core machine."""
-    if keras.backend.backend() != "torch":
-        yield
-        return
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models: one torch thread is faster, much faster on a busy CPU.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_every_example_is_tested():

@@ -19,18 +19,8 @@ LIBRARIES = {"keras_hub": keras_hub, "keras_nlp": keras_nlp}
 SEED = 11
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny models: one torch thread is faster, and much faster on a busy CPU."""
-    if keras.backend.backend() != "torch":
-        yield
-        return
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models: one torch thread is faster, much faster on a busy CPU.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def gpt2_causal_lm(library):
