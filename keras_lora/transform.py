@@ -137,7 +137,7 @@ def apply_spec(model, spec):
     match the recorded rank. On any error, the model is left as it was.
     """
     by_path = _layers_by_path(model)
-    missing = [p for p in spec["layers"] if p not in by_path]
+    missing = [p for p in [*spec["layers"], *spec["train_layers"]] if p not in by_path]
     if missing:
         raise ValueError(
             f"The LoRA spec names layer '{missing[0]}', which model "

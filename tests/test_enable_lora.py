@@ -232,3 +232,24 @@ def test_enable_after_fit_recompiles_for_new_variables():
     model.fit(X, y, epochs=1, verbose=0)
     np.testing.assert_array_equal(to_numpy(model.get_layer("hidden").kernel), before)
     assert len(model.optimizer.variables) > 2
+
+
+def test_spec_naming_a_missing_layer_is_refused_untouched():
+    from keras_lora.transform import apply_spec
+
+    model = functional_mlp()
+    flags = [v.trainable for v in model.weights]
+    spec = {
+        "version": 1,
+        "targets": None,
+        "layers": {
+            "hidden": {"rank": 2, "alpha": None, "dropout": 0.0, "use_rslora": False}
+        },
+        "train_layers": ["no_such_head"],
+        "frozen_layers": [],
+        "frozen_variables": [],
+    }
+    with pytest.raises(ValueError, match="names layer 'no_such_head'"):
+        apply_spec(model, spec)
+    assert not keras_lora.lora_layers(model)
+    assert [v.trainable for v in model.weights] == flags
