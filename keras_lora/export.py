@@ -48,7 +48,7 @@ def export_merged(model, filepath):
 @contextlib.contextmanager
 def _plain_view(model, layers):
     """Makes `model` serialize as its merged, pre-LoRA self, then restores it."""
-    overrides = []  # (object, attribute) set on instances, removed on exit
+    overrides = []  # (object, attribute name, previous value or _MISSING)
     classes = []  # (object, class) to restore
     try:
         for layer in layers:
