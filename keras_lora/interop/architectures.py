@@ -78,20 +78,24 @@ def _decoder(name, backbones):
     )
 
 
+# BERT and RoBERTa blocks (KerasHub's TransformerEncoder) share one layout.
+_ENCODER_BLOCK = {
+    "attention.self.query": ("_self_attention_layer._query_dense",),
+    "attention.self.key": ("_self_attention_layer._key_dense",),
+    "attention.self.value": ("_self_attention_layer._value_dense",),
+    "attention.output.dense": ("_self_attention_layer._output_dense",),
+    "intermediate.dense": ("_feedforward_intermediate_dense",),
+    "output.dense": ("_feedforward_output_dense",),
+}
+
+
 ARCHITECTURES = (
     Architecture(
         name="bert",
         backbones=("BertBackbone",),
         task_prefix="bert.",
         block="encoder.layer.{i}",
-        block_modules={
-            "attention.self.query": ("_self_attention_layer._query_dense",),
-            "attention.self.key": ("_self_attention_layer._key_dense",),
-            "attention.self.value": ("_self_attention_layer._value_dense",),
-            "attention.output.dense": ("_self_attention_layer._output_dense",),
-            "intermediate.dense": ("_feedforward_intermediate_dense",),
-            "output.dense": ("_feedforward_output_dense",),
-        },
+        block_modules=_ENCODER_BLOCK,
         top_modules={
             "embeddings.word_embeddings": "token_embedding",
             "embeddings.token_type_embeddings": "segment_embedding",
@@ -106,14 +110,7 @@ ARCHITECTURES = (
         backbones=("RobertaBackbone",),
         task_prefix="roberta.",
         block="encoder.layer.{i}",
-        block_modules={
-            "attention.self.query": ("_self_attention_layer._query_dense",),
-            "attention.self.key": ("_self_attention_layer._key_dense",),
-            "attention.self.value": ("_self_attention_layer._value_dense",),
-            "attention.output.dense": ("_self_attention_layer._output_dense",),
-            "intermediate.dense": ("_feedforward_intermediate_dense",),
-            "output.dense": ("_feedforward_output_dense",),
-        },
+        block_modules=_ENCODER_BLOCK,
         top_modules={"embeddings.word_embeddings": "token_embedding"},
         unmapped=(
             "embeddings.position_embeddings",
