@@ -5,6 +5,7 @@ import os
 import runpy
 import subprocess
 import sys
+import time
 import zipfile
 
 import keras
@@ -154,3 +155,44 @@ def test_console_script(tmp_path):
     assert result.returncode == 2
     assert "--epochs: must be at least 1, got 0" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+HEAVY_MODULES = ("keras", "tensorflow", "jax", "torch", "keras_hub")
+
+
+def _imported_modules(command):
+    """Runs `command` with Python's import log; returns (result, module names)."""
+    env = dict(os.environ, PYTHONPROFILEIMPORTTIME="1")
+    result = subprocess.run(
+        command, capture_output=True, text=True, env=env, timeout=120
+    )
+    # Lines look like "import time:       123 |        456 |   keras.src".
+    modules = {
+        line.rsplit("|", 1)[1].strip()
+        for line in result.stderr.splitlines()
+        if line.startswith("import time:") and line.count("|") == 2
+    }
+    return result, modules
+
+
+def _command():
+    script = os.path.join(os.path.dirname(sys.executable), "keras-lora")
+    return [script] if os.path.exists(script) else [sys.executable, "-m", "keras_lora"]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--help"], ["--version"], ["nonsense"]],
+    ids=["help", "version", "bad-command"],
+)
+def test_help_and_version_do_not_import_keras(argv):
+    """Issue 16: `keras-lora --help` took 23 s because it imported Keras and TF."""
+    for command in (_command(), [sys.executable, "-m", "keras_lora"]):
+        started = time.perf_counter()
+        result, modules = _imported_modules([*command, *argv])
+        elapsed = time.perf_counter() - started
+        print(f"{' '.join([os.path.basename(command[-1]), *argv])}: {elapsed:.2f} s")
+        assert result.returncode == (2 if argv == ["nonsense"] else 0), result.stderr
+        assert "keras_lora.cli" in modules  # the log is read correctly
+        heavy = sorted(m for m in modules if m.split(".")[0] in HEAVY_MODULES)
+        assert not heavy, heavy[:5]
