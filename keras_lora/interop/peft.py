@@ -71,8 +71,7 @@ def load_peft_adapter(model, path):
             "`keras_lora.merge_lora(model)` before loading a PEFT adapter."
         )
     path = os.fspath(path)
-    config = peft_reading.read_config(path)
-    settings = peft_config.check(config)
+    config, settings = peft_reading.read_config(path)
     tensors = peft_reading.read_weights(path)
     grouped, saved = peft_reading.group_tensors(tensors, config)
     prefix, named = peft_reading.match_modules(grouped, context)
@@ -143,7 +142,7 @@ def load_peft_adapter(model, path):
         for layer, values in trained:
             for name, value in values.items():
                 getattr(layer, name).assign(value)  # cast to its dtype
-    except Exception:
+    except BaseException:  # an interrupt too: all or nothing
         for variable, value in previous:
             variable.assign(value)
         transform.revert(model, merge=False)

@@ -12,7 +12,13 @@ import os
 import keras
 import numpy as np
 
-from keras_lora.interop import architectures, factors, peft_config, safetensors_io
+from keras_lora.interop import (
+    architectures,
+    factors,
+    peft_config,
+    peft_config_check,
+    safetensors_io,
+)
 from keras_lora.interop.peft_config import CONFIG_FILE, STATE_PREFIX, WEIGHTS_FILE
 
 _FACTOR_SUFFIXES = {
@@ -25,35 +31,66 @@ _FACTOR_SUFFIXES = {
 _BASE_TABLE_SUFFIX = ".base_layer.weight"
 
 
+# adapter_config.json is a few kilobytes (a `rank_pattern` for every module of
+# a large model stays far below this): the bound keeps a hostile file from
+# filling memory before it is parsed.
+MAX_CONFIG_BYTES = 16 * 2**20
+# The dtypes a LoRA factor or a saved weight may have (read as float32).
+_FLOAT_DTYPES = ("float64", "float32", "float16")
+
+
 def read_config(path):
+    """Reads and checks `adapter_config.json`.
+
+    Returns:
+        `(config, settings)`: the parsed JSON object and the fields
+        `peft_config_check.check` returns.
+    """
     file = os.path.join(path, CONFIG_FILE)
     if not os.path.isfile(file):
         raise ValueError(
             f"`path` must be a PEFT adapter folder with {CONFIG_FILE}. "
             f"Received: path={path!r}"
         )
-    with open(file, encoding="utf-8") as f:
-        try:
-            return json.load(f)
-        except ValueError as error:
-            raise ValueError(f"'{file}' is not valid JSON: {error}") from None
+    with open(file, "rb") as f:
+        raw = f.read(MAX_CONFIG_BYTES + 1)
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ValueError(
+            f"'{file}' is larger than {MAX_CONFIG_BYTES} bytes, too large for "
+            f"an adapter config. Received: size={os.path.getsize(file)}"
+        )
+    try:
+        config = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as error:
+        # ValueError covers JSON and UTF-8 errors; RecursionError deep nesting.
+        raise ValueError(f"'{file}' is not valid UTF-8 JSON: {error}") from None
+    return config, peft_config_check.check(config, file)
 
 
 def read_weights(path):
+    """Reads `adapter_model.safetensors` (never a pickled `.bin`) as float32."""
     file = os.path.join(path, WEIGHTS_FILE)
     if not os.path.isfile(file):
-        pickled = os.path.isfile(os.path.join(path, "adapter_model.bin"))
+        pickled = os.path.exists(os.path.join(path, "adapter_model.bin"))
         raise ValueError(
             f"`path` must hold {WEIGHTS_FILE}"
             + (
-                " (adapter_model.bin is a pickle that needs torch to read: "
-                "re-save it with `save_pretrained(..., safe_serialization=True)`)"
+                ". It holds adapter_model.bin, a pickle, which keras-lora never "
+                "reads: unpickling can run any code the file's author chose. "
+                "Re-save the adapter with `save_pretrained(..., "
+                "safe_serialization=True)`"
                 if pickled
                 else ""
             )
             + f". Received: path={path!r}"
         )
     tensors, _ = safetensors_io.read(file)
+    for name, value in tensors.items():
+        if value.dtype.name not in _FLOAT_DTYPES:
+            raise ValueError(
+                f"Tensor '{name}' in '{file}' must hold floating point numbers "
+                f"(LoRA factors and weights are). Received: dtype={value.dtype.name}"
+            )
     return {k: v.astype("float32") for k, v in tensors.items()}
 
 

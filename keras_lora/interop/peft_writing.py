@@ -4,8 +4,9 @@ import collections
 import json
 import math
 import os
+import secrets
 import shutil
-import tempfile
+import stat
 
 import keras
 import numpy as np
@@ -151,28 +152,75 @@ def write_config(records, context, module_prefix):
 
 
 def write_folder(path, config, tensors):
+    """Writes `adapter_config.json` and `adapter_model.safetensors` to `path`.
+
+    Nothing is half written: a new folder is filled beside its final name and
+    renamed into place; in an existing folder both files are written in full
+    beside their final names before either replaces the old one. Modes are
+    those `os.makedirs` and `open` give under the umask; a file that already
+    exists keeps its mode, and a symlink has its target replaced, not itself.
+
+    Returns:
+        The folder's absolute path, as a string.
+    """
     path = os.path.abspath(os.fspath(path))
-    if os.path.exists(path) and not os.path.isdir(path):
+    real = os.path.realpath(path)
+    if os.path.exists(real) and not os.path.isdir(real):
         raise ValueError(
             f"`path` must be a folder (or not exist yet). Received: path={path!r}"
         )
-    parent = os.path.dirname(path)
+    contents = {
+        CONFIG_FILE: lambda file: _write_json(file, config),
+        WEIGHTS_FILE: lambda file: safetensors_io.write(file, tensors),
+    }
+    if os.path.isdir(real):
+        _replace_files(real, contents)
+        return path
+    parent = os.path.dirname(real)
     os.makedirs(parent, exist_ok=True)
-    temporary = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", dir=parent)
+    temporary = _unique_name(parent, os.path.basename(real))
+    # `os.mkdir` (not `tempfile.mkdtemp`, which makes it 0700): the folder
+    # gets the mode `os.makedirs` would give it under the umask.
+    os.mkdir(temporary)
     try:
-        with open(os.path.join(temporary, CONFIG_FILE), "w", encoding="utf-8") as f:
-            json.dump(config, f, indent=2, sort_keys=True)
-        safetensors_io.write(os.path.join(temporary, WEIGHTS_FILE), tensors)
-        if not os.path.exists(path):
-            os.rename(temporary, path)
-        else:
-            # Each replace is atomic; both files are complete before either moves.
-            for name in (WEIGHTS_FILE, CONFIG_FILE):
-                os.replace(os.path.join(temporary, name), os.path.join(path, name))
+        for name, write in contents.items():
+            write(os.path.join(temporary, name))
+        os.rename(temporary, real)
     finally:
         if os.path.exists(temporary):
             shutil.rmtree(temporary, ignore_errors=True)
     return path
+
+
+def _replace_files(folder, contents):
+    """Writes each file beside its final (symlink-resolved) name, then moves
+    them all into place."""
+    staged = []
+    try:
+        for name, write in contents.items():
+            target = os.path.realpath(os.path.join(folder, name))
+            temporary = _unique_name(os.path.dirname(target), name)
+            # Created empty first, with O_EXCL, so that it is never another's.
+            os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            staged.append((temporary, target))
+            write(temporary)
+            if os.path.exists(target):
+                os.chmod(temporary, stat.S_IMODE(os.stat(target).st_mode))
+        for temporary, target in staged:
+            os.replace(temporary, target)
+    finally:
+        for temporary, _ in staged:
+            if os.path.exists(temporary):
+                os.remove(temporary)
+
+
+def _unique_name(folder, name):
+    return os.path.join(folder, f".{name}.{secrets.token_hex(6)}.tmp")
+
+
+def _write_json(file, config):
+    with open(file, "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
 
 
 def _alpha_for(record, use_rslora):
