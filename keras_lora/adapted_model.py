@@ -6,7 +6,8 @@ LoRA layers". `enable_lora` therefore gives the model object a subclass of its
 own class (same name, same behaviour) whose config wraps the original one with
 the LoRA spec:
 
-    {"model": <the model serialized as its original class>, "lora": <spec>}
+    {"model": <the model serialized as its original class>, "lora": <spec>,
+     "trainable": <the original model's trainable flags, restored on merge>}
 
 Loading rebuilds the original model, builds it, applies the recorded
 `enable_lora`, and only then does Keras load the weights (factors included) and
@@ -37,7 +38,11 @@ class AdaptedModel:
             inner = serialization_lib.serialize_keras_object(self)
         # The outer object recompiles after LoRA is on: drop the inner copy.
         inner.pop("compile_config", None)
-        return {"model": inner, "lora": dict(self._keras_lora_spec)}
+        return {
+            "model": inner,
+            "lora": dict(self._keras_lora_spec),
+            "trainable": dict(self._keras_lora_trainable_state),
+        }
 
     def get_build_config(self):
         return None  # the inner config carries the build config
@@ -52,12 +57,26 @@ class AdaptedModel:
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
+        from keras_lora.spec import LEGACY_KEYS, check_spec, check_trainable_state
         from keras_lora.transform import apply_spec
 
+        if not isinstance(config, dict) or "model" not in config:
+            raise ValueError(
+                "A keras-lora adapted model config needs the keys 'model' and "
+                f"'lora'. Received: config keys={sorted(config or {})}"
+            )
+        spec = check_spec(config.get("lora"), "The saved model", True)
+        # Models saved by keras-lora 0.1 kept the flags inside the spec.
+        state = config.get("trainable") or {
+            "model": True,
+            **{key: config["lora"].get(key, []) for key in LEGACY_KEYS},
+        }
+        state = check_trainable_state(state, "The saved model")
         model = serialization_lib.deserialize_keras_object(
             config["model"], custom_objects=custom_objects
         )
-        return apply_spec(model, config["lora"])
+        # The weights are loaded after this: there are no base values yet.
+        return apply_spec(model, spec, trainable_state=state, keep_base_values=False)
 
 
 # Registered under one name: every per-class subclass loads through the mixin.
@@ -67,10 +86,15 @@ object_registration.GLOBAL_CUSTOM_OBJECTS[REGISTERED_NAME] = AdaptedModel
 def adapted_class(base_class):
     """Returns (and caches) the adapted subclass of a model class."""
     if base_class not in _adapted_classes:
+        # The module is ours, not the base class's: a process that loads a
+        # saved adapted model without importing keras_lora then gets Keras's
+        # "Could not locate class ... make sure they are all imported" error
+        # naming `keras_lora.adapted_model` (Keras would otherwise import the
+        # KerasHub/Keras base class and fail inside its `from_config`).
         cls = type(
             base_class.__name__,
             (AdaptedModel, base_class),
-            {"__module__": base_class.__module__, "_keras_lora_base": base_class},
+            {"__module__": __name__, "_keras_lora_base": base_class},
         )
         object_registration.GLOBAL_CUSTOM_NAMES[cls] = REGISTERED_NAME
         _adapted_classes[base_class] = cls

@@ -15,9 +15,11 @@ Keys are layer paths, never layer indices (KerasHub's adapter files are keyed
 by index and drop trained biases: keras-hub issue 2701). Nothing is pickled.
 """
 
+import contextlib
 import datetime
 import io
 import json
+import math
 import os
 import zipfile
 
@@ -27,12 +29,18 @@ import numpy as np
 
 from keras_lora import transform
 from keras_lora.io_utils import atomic_write, check_keras_path
+from keras_lora.safe_files import MAX_JSON_BYTES, read_flat_dataset, read_member
+from keras_lora.spec import LAYER_KEYS, check_spec
 
 FORMAT = "keras-lora-adapter"
 FORMAT_VERSION = 1
 _METADATA = "metadata.json"
 _CONFIG = "config.json"
 _WEIGHTS = "adapter.weights.h5"
+# What `_pack` writes (bf16/f16 are widened to float32).
+_DTYPES = ("float32", "float64", "int8", "int16", "int32", "int64", "uint8")
+# HDF5 headers around the packed datasets: 463 bytes measured; generous.
+_H5_OVERHEAD = 64 * 1024
 
 
 def _adapter_variables(model):
@@ -44,7 +52,9 @@ def _adapter_variables(model):
         variables[f"{layer.path}/lora_b"] = layer.lora_b
     by_path = transform._layers_by_path(model)
     for path in spec["train_layers"]:
-        for variable in by_path[path].trainable_weights:
+        # All of the layer's weights: a trained BatchNormalization's moving
+        # statistics belong to the adapter too.
+        for variable in by_path[path].weights:
             key = f"train/{variable.path}"
             if key in variables:
                 raise ValueError(
@@ -80,7 +90,7 @@ def save_adapter(model, filepath):
     packed, index = _pack(
         {key: keras.ops.convert_to_numpy(v) for key, v in variables.items()}
     )
-    config = {"spec": spec, "weights": index}
+    config = {"spec": _file_spec(spec), "weights": index}
     metadata = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -104,31 +114,165 @@ def save_adapter(model, filepath):
 def read_adapter(filepath):
     """Reads an adapter file into (config, {key: np.ndarray}).
 
+    The file is untrusted input: see `read_adapter_config` and
+    `read_adapter_weights` for what is checked, all before the weights are read.
+
     Raises:
         ValueError: naming the file, if it is missing, truncated, corrupt,
-            or not a keras-lora adapter of a version this library reads.
+            crafted, or not a keras-lora adapter of a version this library reads.
+    """
+    config = read_adapter_config(filepath)
+    return config, read_adapter_weights(filepath, config["weights"])
+
+
+def read_adapter_config(filepath):
+    """Reads and validates an adapter file's `config.json` (not its weights).
+
+    Checked: the archive holds exactly the three members of the format, each
+    JSON member is bounded in size, the metadata names this format and a
+    version this library reads, the spec has exactly the known keys, types
+    and values (`keras_lora.spec.check_spec`), and the weight index packs
+    each array right after the previous one (no overlap, no gap).
+
+    Returns:
+        `{"spec": spec, "weights": index}`.
     """
     filepath = check_keras_path(filepath)
+    source = f"'{filepath}'"
+    with _reading(filepath):
+        with zipfile.ZipFile(filepath) as archive:
+            metadata = json.loads(
+                read_member(archive, _METADATA, MAX_JSON_BYTES, source)
+            )
+            _check_metadata(metadata, source)
+            members = sorted(archive.namelist())
+            if members != sorted((_METADATA, _CONFIG, _WEIGHTS)):
+                raise ValueError(
+                    f"{source} must hold exactly {_METADATA}, {_CONFIG} and "
+                    f"{_WEIGHTS}. Received: members={members}"
+                )
+            config = json.loads(read_member(archive, _CONFIG, MAX_JSON_BYTES, source))
+        if not isinstance(config, dict) or sorted(config) != ["spec", "weights"]:
+            raise ValueError(
+                f"{source}: config.json must be an object with the keys 'spec' "
+                f"and 'weights'. Received: {type(config).__name__} "
+                f"{sorted(config) if isinstance(config, dict) else ''}"
+            )
+        spec = check_spec(config["spec"], source)
+        _check_index(config["weights"], source)
+    return {"spec": spec, "weights": config["weights"]}
+
+
+def read_adapter_weights(filepath, index):
+    """Reads the arrays that a validated `index` declares, and nothing else.
+
+    The HDF5 member's size is bounded by what the index declares before it is
+    read, and each packed dataset must be a plain, unfiltered dataset of
+    exactly the declared dtype and length (`keras_lora.safe_files`).
+
+    Returns:
+        `{key: np.ndarray}` in the shapes of `index`.
+    """
+    source = f"'{filepath}'"
+    lengths = _check_index(index, source)
+    needed = sum(n * np.dtype(dtype).itemsize for dtype, n in lengths.items())
+    with _reading(filepath):
+        with zipfile.ZipFile(filepath) as archive:
+            raw = read_member(archive, _WEIGHTS, needed + _H5_OVERHEAD, source)
+        with h5py.File(io.BytesIO(raw), "r") as weights:
+            names = sorted(weights.keys())
+            if names != sorted(lengths):
+                raise ValueError(
+                    f"{source}: {_WEIGHTS} must hold the datasets "
+                    f"{sorted(lengths)}. Received: {names}"
+                )
+            flat = {
+                dtype: read_flat_dataset(weights, dtype, dtype, n, source)
+                for dtype, n in lengths.items()
+            }
+    arrays = {}
+    for key, entry in index.items():
+        size = math.prod(entry["shape"])
+        start = entry["offset"]
+        arrays[key] = flat[entry["dtype"]][start : start + size].reshape(entry["shape"])
+    return arrays
+
+
+@contextlib.contextmanager
+def _reading(filepath):
+    """Turns what a broken file makes the zip/JSON/HDF5 readers raise into a
+    `ValueError` naming the file (our own checks already name it)."""
     if not os.path.isfile(filepath):
         raise ValueError(f"Adapter file not found: filepath={filepath!r}")
     try:
-        with zipfile.ZipFile(filepath) as archive:
-            metadata = json.loads(archive.read(_METADATA))
-            config = json.loads(archive.read(_CONFIG))
-            if metadata.get("format") != FORMAT:
-                raise ValueError(f"format is {metadata.get('format')!r}")
-            if metadata.get("format_version", 0) > FORMAT_VERSION:
-                raise ValueError(
-                    f"format_version {metadata['format_version']} is newer than "
-                    f"this library reads ({FORMAT_VERSION}): upgrade keras-lora"
-                )
-            with h5py.File(io.BytesIO(archive.read(_WEIGHTS)), "r") as weights:
-                arrays = _unpack(weights, config["weights"])
-    except (zipfile.BadZipFile, KeyError, OSError, ValueError, TypeError) as error:
+        yield
+    except (
+        zipfile.BadZipFile,
+        zipfile.LargeZipFile,
+        OSError,
+        KeyError,
+        TypeError,
+        EOFError,
+        UnicodeDecodeError,
+        json.JSONDecodeError,
+    ) as error:
         raise ValueError(
             f"'{filepath}' is not a readable keras-lora adapter file ({error})."
         ) from None
-    return config, arrays
+
+
+def _check_metadata(metadata, source):
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
+        found = metadata.get("format") if isinstance(metadata, dict) else metadata
+        raise ValueError(
+            f"{source} is not a keras-lora adapter file: metadata.json names "
+            f"format={found!r}, not {FORMAT!r}."
+        )
+    version = metadata.get("format_version")
+    if not _is_int(version) or not 1 <= version <= FORMAT_VERSION:
+        raise ValueError(
+            f"{source} has format_version={version!r}; this library reads "
+            f"versions 1 to {FORMAT_VERSION} (a newer file needs a newer "
+            "keras-lora)."
+        )
+
+
+def _check_index(index, source):
+    """Validates the weight index; returns {dtype: packed length}."""
+    if not isinstance(index, dict):
+        raise ValueError(
+            f"{source}: config.json `weights` must be an object. "
+            f"Received: weights={type(index).__name__}"
+        )
+    lengths = {}
+    for key, entry in index.items():
+        if (
+            not isinstance(entry, dict)
+            or sorted(entry) != ["dtype", "offset", "shape"]
+            or entry["dtype"] not in _DTYPES
+            or not _is_int(entry["offset"])
+            or not isinstance(entry["shape"], list)
+            or not all(_is_int(d) and d >= 0 for d in entry["shape"])
+        ):
+            raise ValueError(
+                f"{source}: config.json `weights[{key!r}]` must be "
+                f"{{dtype in {list(_DTYPES)}, offset: int, shape: [int >= 0]}}. "
+                f"Received: {entry!r}"
+            )
+        dtype = entry["dtype"]
+        if entry["offset"] != lengths.get(dtype, 0):
+            raise ValueError(
+                f"{source}: config.json `weights[{key!r}]` starts at offset "
+                f"{entry['offset']}, but the arrays are packed one after the "
+                f"other (expected {lengths.get(dtype, 0)}): overlapping or "
+                "gapped offsets are refused."
+            )
+        lengths[dtype] = entry["offset"] + math.prod(entry["shape"])
+    return lengths
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def load_adapter(model, filepath):
@@ -150,9 +294,11 @@ def load_adapter(model, filepath):
         ValueError: for a bad file (naming it) or a mismatch (naming the first
             bad path and both shapes).
     """
-    config, arrays = read_adapter(filepath)
+    transform.check_model(model)
+    config = read_adapter_config(filepath)
     spec = config["spec"]
     was_adapted = transform.lora_spec(model) is not None
+    optimizer = getattr(model, "optimizer", None)
     if was_adapted:
         _check_same_adaptation(model, spec, filepath)
     else:
@@ -165,10 +311,17 @@ def load_adapter(model, filepath):
                     f"'{filepath}' has weights for '{key}', which model "
                     f"'{model.name}' does not have."
                 )
-            if tuple(variables[key].shape) != arrays[key].shape:
+            entry, variable = config["weights"][key], variables[key]
+            if tuple(variable.shape) != tuple(entry["shape"]):
                 raise ValueError(
                     f"Shape mismatch for '{key}' in '{filepath}': the file has "
-                    f"{arrays[key].shape}, the model has {tuple(variables[key].shape)}."
+                    f"{tuple(entry['shape'])}, the model has {tuple(variable.shape)}."
+                )
+            if entry["dtype"] != _stored_dtype(variable.dtype):
+                raise ValueError(
+                    f"Dtype mismatch for '{key}' in '{filepath}': the file has "
+                    f"{entry['dtype']}, the model stores {variable.dtype} as "
+                    f"{_stored_dtype(variable.dtype)}."
                 )
         missing = sorted(set(variables) - set(config["weights"]))
         if missing:
@@ -176,42 +329,47 @@ def load_adapter(model, filepath):
                 f"'{filepath}' has no weights for '{missing[0]}' of model "
                 f"'{model.name}'."
             )
+        arrays = read_adapter_weights(filepath, config["weights"])
     except Exception:
         if not was_adapted:
-            transform.revert(model, merge=False)
+            # The optimizer (and its state) goes back with the old variables.
+            transform.revert(model, merge=False, optimizer=optimizer)
         raise
     for key, variable in variables.items():
         variable.assign(arrays[key])
     return model
 
 
+def _stored_dtype(dtype):
+    """The dtype an array is stored in: bf16/f16 widen to float32 (lossless;
+    HDF5 has no bfloat16)."""
+    dtype = str(dtype)
+    return "float32" if dtype in ("bfloat16", "float16") else dtype
+
+
+def _file_spec(spec):
+    """The spec as an adapter file records it: the known keys only."""
+    return {
+        **{key: spec[key] for key in ("version", "targets", "train_layers")},
+        "layers": {
+            path: {key: config[key] for key in LAYER_KEYS}
+            for path, config in spec["layers"].items()
+        },
+    }
+
+
 def _pack(arrays):
     """Concatenates arrays into one flat array per dtype; returns them and an index."""
     chunks, index, offsets = {}, {}, {}
     for key, array in arrays.items():
-        if str(array.dtype) in ("bfloat16", "float16"):
-            array = array.astype("float32")  # lossless; HDF5 has no bfloat16
-        dtype = str(array.dtype)
+        dtype = _stored_dtype(array.dtype)
+        array = array.astype(dtype, copy=False)
         offset = offsets.get(dtype, 0)
         index[key] = {"dtype": dtype, "offset": offset, "shape": list(array.shape)}
         chunks.setdefault(dtype, []).append(array.reshape(-1))
         offsets[dtype] = offset + array.size
     packed = {dtype: np.concatenate(parts) for dtype, parts in chunks.items()}
     return packed, index
-
-
-def _unpack(weights, index):
-    dtypes = {entry["dtype"] for entry in index.values()}
-    flat = {dtype: np.asarray(weights[dtype]) for dtype in dtypes}
-    arrays = {}
-    for key, entry in index.items():
-        size = int(np.prod(entry["shape"]))
-        start = entry["offset"]
-        data = flat[entry["dtype"]][start : start + size]
-        if data.size != size:
-            raise ValueError(f"weights for '{key}' are truncated")
-        arrays[key] = data.reshape(entry["shape"])
-    return arrays
 
 
 def _check_same_adaptation(model, spec, filepath):
@@ -224,12 +382,18 @@ def _check_same_adaptation(model, spec, filepath):
                 f"model '{model.name}'. Load it onto a fresh base model instead."
             )
         for field in ("rank", "alpha", "use_rslora"):
-            if ours[field] != layer_config[field]:
+            # alpha=None means alpha=rank: the same scale.
+            if _effective(ours, field) != _effective(layer_config, field):
                 raise ValueError(
                     f"Layer '{path}' has {field}={ours[field]!r} in model "
                     f"'{model.name}' but {field}={layer_config[field]!r} in "
                     f"'{filepath}'."
                 )
+
+
+def _effective(layer_config, field):
+    value = layer_config[field]
+    return layer_config["rank"] if field == "alpha" and value is None else value
 
 
 def _version():

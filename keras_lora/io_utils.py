@@ -2,6 +2,7 @@
 
 import contextlib
 import os
+import stat
 import tempfile
 
 
@@ -26,21 +27,41 @@ def atomic_write(filepath):
 
     A failure (or an interrupt) removes the temporary file and leaves any
     existing `filepath` as it was: no partial file, no clobbered good one.
+    The file gets the mode a plain `open(filepath, "w")` would give it: an
+    existing file keeps its mode, a new one gets 0o666 less the umask (the
+    temporary file is 0o600). A symlink stays a link: its target is written.
     """
-    folder = os.path.dirname(os.path.abspath(filepath))
+    target = os.path.realpath(filepath)
+    folder = os.path.dirname(target)
     if not os.path.isdir(folder):
         raise ValueError(
             f"The folder of `filepath` does not exist: {folder}. "
             f"Received: filepath={filepath!r}"
         )
-    handle, temporary = tempfile.mkstemp(
-        prefix=f".{os.path.basename(filepath)}.", suffix=".tmp.keras", dir=folder
-    )
+    try:
+        mode = stat.S_IMODE(os.stat(target).st_mode)
+    except FileNotFoundError:
+        mode = 0o666 & ~_umask()
+    try:
+        handle, temporary = tempfile.mkstemp(
+            prefix=f".{os.path.basename(target)[:64]}.", suffix=".tmp.keras", dir=folder
+        )
+    except OSError as error:
+        # Name the requested path, not the hidden temporary one.
+        raise type(error)(error.errno, error.strerror, filepath) from None
     os.close(handle)
     try:
         yield temporary
-        os.replace(temporary, filepath)
+        os.chmod(temporary, mode)
+        os.replace(temporary, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(temporary)
         raise
+
+
+def _umask():
+    """The process umask (only readable by setting it: set it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

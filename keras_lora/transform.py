@@ -9,6 +9,7 @@ on the model (see `adapted_model.py`), which `model.save`, `save_adapter` and
 """
 
 import contextlib
+import warnings
 
 import keras
 import numpy as np
@@ -20,8 +21,16 @@ from keras_lora.layers.dense import LoRADense
 from keras_lora.layers.einsum_dense import LoRAEinsumDense
 from keras_lora.layers.embedding import LoRAEmbedding
 from keras_lora.layers.lora_layer import LoRALayer
+from keras_lora.spec import SPEC_VERSION
 
-SPEC_VERSION = 1
+__all__ = ["SPEC_VERSION", "enable_lora", "merge_lora", "disable_lora"]
+
+# What `apply_spec` records on the model object, and `revert` removes.
+_MODEL_ATTRIBUTES = (
+    "_keras_lora_spec",
+    "_keras_lora_trainable_state",
+    "_keras_lora_base_values",
+)
 
 
 def lora_class_for(layer):
@@ -86,7 +95,7 @@ def enable_lora(
         raise ValueError(
             f"`use_rslora` must be a bool. Received: use_rslora={use_rslora!r}"
         )
-    _check_model(model)
+    check_model(model)
     if adapted_model.is_adapted(model):
         raise ValueError(
             f"Model '{model.name}' is already adapted with LoRA; call "
@@ -119,22 +128,26 @@ def enable_lora(
         else (list(targets) if isinstance(targets, (list, tuple)) else "callable"),
         "layers": {unique_path(lyr): dict(layer_config) for lyr in selected},
         "train_layers": [unique_path(lyr) for lyr in trained],
-        "frozen_layers": [
-            unique_path(lyr)
-            for lyr in targets_lib.sublayers(model)
-            if not lyr.trainable and lyr.path
-        ],
-        "frozen_variables": [v.path for v in model.weights if not v.trainable],
     }
     return apply_spec(model, spec)
 
 
-def apply_spec(model, spec):
+def apply_spec(model, spec, trainable_state=None, keep_base_values=True):
     """Applies a recorded LoRA spec to a model (fresh, or with LoRA layers).
 
     Used by `enable_lora`, by `keras.saving.load_model` and by `load_adapter`.
     Layers that already are LoRA layers (a reloaded Functional config) must
     match the recorded rank. On any error, the model is left as it was.
+
+    Args:
+        model: a built model.
+        spec: a spec as `enable_lora` records it (see `keras_lora.spec`).
+        trainable_state: the trainable flags to restore when LoRA is removed;
+            None to capture this model's own flags now (a reloaded model
+            passes the flags its original had).
+        keep_base_values: keep a copy of the `train_layers` weights as they
+            are now, for `disable_lora` (False when they are not the base's
+            values yet: a model being reloaded).
     """
     by_path = _layers_by_path(model)
     missing = [p for p in [*spec["layers"], *spec["train_layers"]] if p not in by_path]
@@ -144,6 +157,20 @@ def apply_spec(model, spec):
             f"'{model.name}' does not have. Some layer paths of the model: "
             f"{sorted(by_path)[:12]}"
         )
+    # Everything that can fail without touching the model runs first.
+    optimizer = _fresh_optimizer(model)
+    if trainable_state is None:
+        trainable_state = _trainable_state(model)
+    trained_layers = [by_path[p] for p in spec["train_layers"]]
+    base_values = (
+        {
+            v.path: keras.ops.convert_to_numpy(v)
+            for layer in trained_layers
+            for v in layer.weights
+        }
+        if keep_base_values
+        else None
+    )
     model.trainable = True  # layer flags; variables are frozen one by one below
     converted = []
     try:
@@ -161,20 +188,53 @@ def apply_spec(model, spec):
     except Exception:
         for layer in converted:
             layer.unadapt(merge=False)
-        _restore_trainable(model, spec)
+        _restore_trainable(model, trainable_state)
         raise
-    trained = {id(v) for p in spec["train_layers"] for v in by_path[p].weights}
-    frozen_before = set(spec["frozen_variables"])
-    factors = {id(v) for lyr in lora_layers(model) for v in (lyr.lora_a, lyr.lora_b)}
-    for variable in model.weights:
-        variable.trainable = id(variable) in factors or (
-            id(variable) in trained and variable.path not in frozen_before
-        )
+    _freeze_all_but(model, lora_layers(model), trained_layers, trainable_state)
     if not adapted_model.is_adapted(model):
         model.__class__ = adapted_model.adapted_class(type(model))
     object.__setattr__(model, "_keras_lora_spec", spec)
-    _reset_compiled_functions(model)
+    object.__setattr__(model, "_keras_lora_trainable_state", trainable_state)
+    object.__setattr__(model, "_keras_lora_base_values", base_values)
+    _reset_compiled_functions(model, optimizer)
     return model
+
+
+def _freeze_all_but(model, adapted, trained, trainable_state):
+    """Leaves only the factors and the `trained` layers' weights trainable.
+
+    Layers with nothing left to train get `trainable=False` (Keras's transfer
+    learning convention: a frozen BatchNormalization then runs in inference
+    mode and keeps its statistics); layers that hold a LoRA layer or a trained
+    layer stay trainable, and their other variables are frozen one by one.
+    """
+    keep = _with_relatives(model, [*adapted, *trained])
+    for layer in targets_lib.sublayers(model):
+        if id(layer) not in keep and layer.trainable:
+            layer.trainable = False
+    trained_ids = {id(v) for layer in trained for v in layer.weights}
+    frozen_before = set(trainable_state["frozen_variables"])
+    factors = {id(v) for lyr in adapted for v in (lyr.lora_a, lyr.lora_b)}
+    for variable in model.weights:
+        variable.trainable = id(variable) in factors or (
+            id(variable) in trained_ids and variable.path not in frozen_before
+        )
+
+
+def _with_relatives(model, chosen):
+    """Ids of the `chosen` layers, of the layers inside them and above them."""
+    chosen_ids = {id(layer) for layer in chosen}
+    keep = set()
+
+    def walk(layer, ancestors):
+        if id(layer) in chosen_ids:
+            keep.update(ancestors)
+            keep.update(id(lyr) for lyr in layer._flatten_layers(include_self=True))
+        for child in layer._flatten_layers(include_self=False, recursive=False):
+            walk(child, [*ancestors, id(layer)])
+
+    walk(model, [])
+    return keep
 
 
 def merge_lora(model):
@@ -191,7 +251,7 @@ def merge_lora(model):
     Returns:
         The same model object, with no LoRA layer and no LoRA variable left.
     """
-    _check_model(model)
+    check_model(model)
     if not lora_layers(model):
         raise ValueError(
             f"Model '{model.name}' has no LoRA layer to merge. Call "
@@ -200,25 +260,30 @@ def merge_lora(model):
     return revert(model, merge=True)
 
 
-def revert(model, merge):
+def revert(model, merge, optimizer=None):
     """Turns every LoRA layer back into its base class and undoes the freezing.
 
     Args:
         model: a model with LoRA layers.
         merge: fold the updates into the kernels (`merge_lora`), or drop them
             (used to roll back a failed `load_adapter`).
+        optimizer: the optimizer to give the model back (a rollback passes
+            the one it had, with its state); None for an unbuilt copy.
     """
+    if optimizer is None:
+        optimizer = _fresh_optimizer(model)
     for layer in lora_layers(model):
         layer.unadapt(merge=merge)
     if adapted_model.is_adapted(model):
-        spec = model._keras_lora_spec
+        state = model._keras_lora_trainable_state
         model.__class__ = adapted_model.original_class(model)
-        object.__delattr__(model, "_keras_lora_spec")
-        _restore_trainable(model, spec)
+        for name in _MODEL_ATTRIBUTES:
+            object.__delattr__(model, name)
+        _restore_trainable(model, state)
     else:
         for variable in model.weights:
             variable.trainable = True
-    _reset_compiled_functions(model)
+    _reset_compiled_functions(model, optimizer)
     return model
 
 
@@ -226,27 +291,53 @@ def revert(model, merge):
 def disable_lora(model):
     """Context manager under which the model computes its base outputs exactly.
 
-    Every B factor is set to zero on entry and restored bit for bit on exit
-    (B is small: rank × d_out). Using the variables, rather than a Python flag,
-    keeps this right inside already compiled `predict`/`fit` functions.
+    Every B factor is set to zero on entry, and the weights of `train_layers`
+    (a task head, say) are set to the values they had when LoRA was applied;
+    all are restored bit for bit on exit (B is small: rank × d_out). Using
+    the variables, rather than a Python flag, keeps this right inside already
+    compiled `predict`/`fit` functions.
+
+    A model reloaded with `keras.saving.load_model` no longer knows its
+    trained layers' base values: there they keep their trained values, with a
+    warning naming them.
 
     Example:
 
     >>> with keras_lora.disable_lora(model):
     ...     base_logits = model.predict(x)
     """
-    _check_model(model)
+    check_model(model)
     layers = lora_layers(model)
     if not layers:
         raise ValueError(f"Model '{model.name}' has no LoRA layer to disable.")
-    saved = [keras.ops.convert_to_numpy(layer.lora_b) for layer in layers]
-    for layer in layers:
-        layer.lora_b.assign(np.zeros(layer.lora_b.shape, "float32"))
+    swaps = [
+        (layer.lora_b, np.zeros(layer.lora_b.shape, "float32")) for layer in layers
+    ]
+    spec = lora_spec(model)
+    if spec is not None and spec["train_layers"]:
+        base_values = model._keras_lora_base_values
+        if base_values is None:
+            warnings.warn(
+                f"disable_lora: model '{model.name}' was reloaded, so the base "
+                f"values of its trained layers {spec['train_layers']} are not "
+                "known; they keep their trained values inside the context.",
+                stacklevel=3,
+            )
+        else:
+            by_path = _layers_by_path(model)
+            swaps += [
+                (variable, base_values[variable.path])
+                for path in spec["train_layers"]
+                for variable in by_path[path].weights
+            ]
+    saved = [keras.ops.convert_to_numpy(variable) for variable, _ in swaps]
+    for variable, value in swaps:
+        variable.assign(value)
     try:
         yield model
     finally:
-        for layer, value in zip(layers, saved):
-            layer.lora_b.assign(value)
+        for (variable, _), value in zip(swaps, saved):
+            variable.assign(value)
 
 
 def lora_layers(model):
@@ -259,7 +350,7 @@ def lora_spec(model):
     return getattr(model, "_keras_lora_spec", None)
 
 
-def _check_model(model):
+def check_model(model):
     if not isinstance(model, keras.layers.Layer):
         raise ValueError(
             f"`model` must be a Keras model or layer. Received: model={model!r}"
@@ -300,25 +391,76 @@ def _path_checker(model):
     return unique_path
 
 
-def _restore_trainable(model, spec):
-    frozen_layers = set(spec["frozen_layers"])
-    frozen_variables = set(spec["frozen_variables"])
-    model.trainable = True
+def _trainable_state(model):
+    """The model's own trainable flags, as JSON, for `_restore_trainable`."""
+    return {
+        "model": model.trainable,
+        "frozen_layers": [
+            lyr.path
+            for lyr in targets_lib.sublayers(model)
+            if not lyr.trainable and lyr.path
+        ],
+        "frozen_variables": [v.path for v in model.weights if not v.trainable],
+    }
+
+
+def _restore_trainable(model, state):
+    """Gives the model back the flags `_trainable_state` recorded."""
+    frozen_layers = set(state["frozen_layers"])
+    frozen_variables = set(state["frozen_variables"])
+    model.trainable = state["model"]
+    # Parents come before their children here, and the `trainable` setter
+    # recurses, so each child's own flag is set after its parent's.
     for layer in targets_lib.sublayers(model):
-        if layer.path in frozen_layers:
-            layer.trainable = False
+        layer.trainable = layer.path not in frozen_layers
     for variable in model.weights:
         variable.trainable = variable.path not in frozen_variables
 
 
-def _reset_compiled_functions(model):
-    """Drops traced train/test/predict functions: the variables changed."""
+def _fresh_optimizer(model):
+    """An unbuilt copy of the model's optimizer if its slots must be rebuilt.
+
+    Adapting or merging changes the trainable variables, and a built
+    optimizer's slots belong to the old ones. The copy is made from the
+    optimizer's own config (never by re-deserializing the compile arguments,
+    which fails for a user's plain-function loss); a learning-rate schedule
+    is passed as the live object, so unregistered schedules work. Runs
+    before the model is changed: a failure leaves the model as it was.
+    """
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is None or not getattr(optimizer, "built", False):
+        return None
+    config = optimizer.get_config()
+    if isinstance(config.get("learning_rate"), dict):
+        # A schedule or a callable: the live object, not its serialization.
+        config["learning_rate"] = optimizer._learning_rate
+    try:
+        return type(optimizer).from_config(config)
+    except Exception as error:
+        raise ValueError(
+            f"The optimizer of model '{model.name}' "
+            f"({type(optimizer).__name__}) cannot be copied for the new set of "
+            f"trainable variables ({error}). Change LoRA before `compile`, or "
+            "give the optimizer a `get_config`/`from_config` round trip."
+        ) from None
+
+
+def _reset_compiled_functions(model, optimizer=None):
+    """Drops traced train/test/predict functions: the variables changed.
+
+    A built optimizer is replaced by `optimizer`, its unbuilt copy (see
+    `_fresh_optimizer`); the user's loss and metric objects stay as they are.
+    """
     for name in ("train_function", "test_function", "predict_function"):
         if getattr(model, name, None) is not None:
             setattr(model, name, None)
-    optimizer = getattr(model, "optimizer", None)
-    if optimizer is not None and getattr(optimizer, "built", False):
-        # Its slots belong to the old trainable variables: compile again with
-        # the same arguments (a fresh optimizer of the same configuration).
-        config = keras.saving.deserialize_keras_object(model.get_compile_config())
-        model.compile(**config)
+    if optimizer is not None:
+        model.optimizer = optimizer
+    if getattr(model, "compiled", False) and hasattr(
+        model, "_compiled_trainable_state"
+    ):
+        # The optimizer was rebuilt for the new flags: Keras's "trainable
+        # state has changed since compile" warning would be a false alarm.
+        model._compiled_trainable_state = {
+            layer: layer.trainable for layer in model._flatten_layers()
+        }

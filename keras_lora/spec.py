@@ -1,0 +1,119 @@
+"""The LoRA spec: what `enable_lora` did to a model, as JSON, and its checks.
+
+A spec is recorded on every adapted model and travels in adapter files and in
+saved models:
+
+    {"version": 1, "targets": ..., "layers": {path: {"rank", "alpha",
+     "dropout", "use_rslora"}}, "train_layers": [path, ...]}
+
+Adapter files come from strangers, so `check_spec` validates every key, type
+and value before a model is touched: an unknown key (an initializer injected
+into a file, say) is an error, never honoured.
+"""
+
+from keras_lora.layers import lora_math
+
+SPEC_VERSION = 1
+
+LAYER_KEYS = ("rank", "alpha", "dropout", "use_rslora")
+# Initializers are recorded by `load_peft_adapter` (zeros: the values are
+# assigned right after) and travel in a saved model's own config; adapter
+# files never carry them.
+INITIALIZER_KEYS = ("a_initializer", "b_initializer")
+# Written by keras-lora 0.1 (the model's trainable flags at `enable_lora`):
+# accepted and ignored, since the flags to restore are the model's own.
+LEGACY_KEYS = ("frozen_layers", "frozen_variables")
+_KEYS = ("version", "targets", "layers", "train_layers")
+
+
+def check_spec(spec, source, allow_initializers=False):
+    """Returns a clean copy of `spec`, or raises a `ValueError` naming `source`.
+
+    Args:
+        spec: the decoded JSON spec.
+        source: what it came from, for messages (e.g. "'task.keras'").
+        allow_initializers: accept per-layer `a_initializer`/`b_initializer`
+            (a model's own config); adapter files may not carry them.
+
+    Returns:
+        The spec without legacy keys.
+    """
+
+    def fail(field, problem, value):
+        raise ValueError(
+            f"{source} has an invalid LoRA spec: `{field}` {problem}. "
+            f"Received: {field}={value!r}"
+        )
+
+    if not isinstance(spec, dict):
+        fail("spec", "must be a JSON object", spec)
+    unknown = sorted(set(spec) - set(_KEYS) - set(LEGACY_KEYS))
+    if unknown:
+        fail("spec", f"has unknown keys {unknown}", sorted(spec))
+    missing = [key for key in _KEYS if key not in spec]
+    if missing:
+        fail("spec", f"lacks the keys {missing}", sorted(spec))
+    version = spec["version"]
+    if isinstance(version, bool) or version != SPEC_VERSION:
+        fail("version", f"must be {SPEC_VERSION} (upgrade keras-lora?)", version)
+    targets = spec["targets"]
+    if not (
+        targets is None
+        or isinstance(targets, str)
+        or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))
+    ):
+        fail("targets", "must be null, a string or a list of strings", targets)
+    for key in LEGACY_KEYS:
+        if key in spec and not _is_str_list(spec[key]):
+            fail(key, "must be a list of strings", spec[key])
+    if not _is_str_list(spec["train_layers"]):
+        fail("train_layers", "must be a list of layer paths", spec["train_layers"])
+    layers = spec["layers"]
+    if not isinstance(layers, dict) or not layers:
+        fail("layers", "must be a non-empty object {layer path: settings}", layers)
+    allowed = LAYER_KEYS + (INITIALIZER_KEYS if allow_initializers else ())
+    clean_layers = {}
+    for path, config in layers.items():
+        field = f"layers[{path!r}]"
+        if not isinstance(config, dict):
+            fail(field, "must be an object", config)
+        unknown = sorted(set(config) - set(allowed))
+        missing = [key for key in LAYER_KEYS if key not in config]
+        if unknown or missing:
+            fail(field, f"must have exactly the keys {list(allowed)}", config)
+        if not isinstance(config["use_rslora"], bool):
+            fail(f"{field}.use_rslora", "must be a bool", config["use_rslora"])
+        for key in INITIALIZER_KEYS:
+            if key in config and not isinstance(config[key], str):
+                fail(f"{field}.{key}", "must be an initializer name", config[key])
+        try:
+            rank = lora_math.check_rank(config["rank"])
+            lora_math.check_alpha(config["alpha"], rank)
+            lora_math.check_dropout(config["dropout"])
+        except ValueError as error:
+            fail(field, f"is out of range ({error})", config)
+        clean_layers[path] = dict(config)
+    clean = {key: spec[key] for key in _KEYS}
+    clean["layers"] = clean_layers
+    clean["train_layers"] = list(spec["train_layers"])
+    return clean
+
+
+def _is_str_list(value):
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def check_trainable_state(state, source):
+    """Validates the trainable flags a saved adapted model carries."""
+    if (
+        not isinstance(state, dict)
+        or set(state) != {"model", *LEGACY_KEYS}
+        or not isinstance(state["model"], bool)
+        or not all(_is_str_list(state[key]) for key in LEGACY_KEYS)
+    ):
+        raise ValueError(
+            f"{source} has invalid trainable flags: expected an object with a "
+            f"bool 'model' and lists of paths {list(LEGACY_KEYS)}. "
+            f"Received: trainable={state!r}"
+        )
+    return state
