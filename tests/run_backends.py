@@ -2,6 +2,9 @@
 
 Usage: python tests/run_backends.py [pytest args...]
 Backends: KERAS_LORA_BACKENDS (comma separated), default jax,torch,tensorflow.
+
+Each backend's pytest output is shown as it comes; the last line adds up the
+three runs: `total: N passed, N failed, N skipped`.
 """
 
 import os
@@ -11,36 +14,61 @@ import sys
 import time
 
 BACKENDS = os.environ.get("KERAS_LORA_BACKENDS", "jax,torch,tensorflow").split(",")
+COUNTS = {
+    "passed": r"(\d+) passed",
+    "failed": r"(\d+) failed",
+    "skipped": r"(\d+) skipped",
+    "errors": r"(\d+) errors?",
+}
+
+
+def run_pytest(backend, argv, root, out=sys.stdout):
+    """Runs pytest under `backend`, echoing its output line by line.
+
+    Returns:
+        (exit code, pytest's last non-empty line: its summary).
+    """
+    env = dict(os.environ, KERAS_BACKEND=backend)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *argv],
+        cwd=root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,  # line-buffered on our side; pytest flushes per line to a pipe
+        errors="replace",
+    )
+    summary = ""
+    for line in process.stdout:
+        out.write(line)
+        out.flush()
+        if line.strip():
+            summary = line.strip()
+    return process.wait(), summary
+
+
+def count(summary):
+    """{"passed": N, "failed": N, "skipped": N, "errors": N} from pytest's line."""
+    counts = {}
+    for key, pattern in COUNTS.items():
+        match = re.search(pattern, summary)
+        counts[key] = int(match.group(1)) if match else 0
+    return counts
 
 
 def main(argv):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    totals = {"passed": 0, "failed": 0, "skipped": 0, "errors": 0}
+    totals = dict.fromkeys(COUNTS, 0)
     failed_backends = []
     for backend in BACKENDS:
         print(f"===== KERAS_BACKEND={backend} =====", flush=True)
-        env = dict(os.environ, KERAS_BACKEND=backend)
         start = time.time()
-        result = subprocess.run(
-            [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *argv],
-            cwd=root,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        print(result.stdout, flush=True)
-        summary = result.stdout.strip().splitlines()[-1] if result.stdout else ""
-        for key, pattern in (
-            ("passed", r"(\d+) passed"),
-            ("failed", r"(\d+) failed"),
-            ("skipped", r"(\d+) skipped"),
-            ("errors", r"(\d+) errors?"),
-        ):
-            match = re.search(pattern, summary)
-            totals[key] += int(match.group(1)) if match else 0
-        print(f"{backend}: exit {result.returncode} in {time.time() - start:.0f}s")
-        if result.returncode != 0:
+        code, summary = run_pytest(backend, argv, root)
+        for key, value in count(summary).items():
+            totals[key] += value
+        print(f"{backend}: exit {code} in {time.time() - start:.0f}s", flush=True)
+        if code != 0:
             failed_backends.append(backend)
     if failed_backends:
         print(f"FAILED on: {', '.join(failed_backends)}")
