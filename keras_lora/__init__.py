@@ -12,6 +12,7 @@ __all__ = [
     "LoRAEinsumDense",
     "LoRAEmbedding",
     "MergeLoRA",
+    "analysis",
     "disable_lora",
     "enable_lora",
     "export_merged",
@@ -29,6 +30,7 @@ __all__ = [
 def _import_public_names():
     """Imports the library (and so Keras) and binds the public names."""
     # The imports below are bound as module globals by `globals().update`.
+    import keras_lora.analysis as analysis
     from keras_lora.adapters import load_adapter, save_adapter
     from keras_lora.callbacks import MergeLoRA
     from keras_lora.export import export_merged
