@@ -180,16 +180,16 @@ def read_adapter_weights(filepath, index):
         with zipfile.ZipFile(filepath) as archive:
             raw = read_member(archive, _WEIGHTS, needed + _H5_OVERHEAD, source)
         with h5py.File(io.BytesIO(raw), "r") as weights:
-            names = sorted(weights.keys())
-            if names != sorted(lengths):
-                raise ValueError(
-                    f"{source}: {_WEIGHTS} must hold the datasets "
-                    f"{sorted(lengths)}. Received: {names}"
-                )
             flat = {
                 dtype: read_flat_dataset(weights, dtype, dtype, n, source)
                 for dtype, n in lengths.items()
             }
+            names = sorted(weights.keys())
+            if names != sorted(lengths):
+                raise ValueError(
+                    f"{source}: {_WEIGHTS} must hold the datasets "
+                    f"{sorted(lengths)} and nothing else. Received: {names}"
+                )
     arrays = {}
     for key, entry in index.items():
         size = math.prod(entry["shape"])

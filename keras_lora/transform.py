@@ -190,7 +190,7 @@ def apply_spec(model, spec, trainable_state=None, keep_base_values=True):
             layer.unadapt(merge=False)
         _restore_trainable(model, trainable_state)
         raise
-    _freeze_all_but(model, lora_layers(model), trained_layers, trainable_state)
+    _freeze_all_but(model, lora_layers(model), trained_layers)
     if not adapted_model.is_adapted(model):
         model.__class__ = adapted_model.adapted_class(type(model))
     object.__setattr__(model, "_keras_lora_spec", spec)
@@ -200,7 +200,7 @@ def apply_spec(model, spec, trainable_state=None, keep_base_values=True):
     return model
 
 
-def _freeze_all_but(model, adapted, trained, trainable_state):
+def _freeze_all_but(model, adapted, trained):
     """Leaves only the factors and the `trained` layers' weights trainable.
 
     Layers with nothing left to train get `trainable=False` (Keras's transfer
@@ -212,12 +212,13 @@ def _freeze_all_but(model, adapted, trained, trainable_state):
     for layer in targets_lib.sublayers(model):
         if id(layer) not in keep and layer.trainable:
             layer.trainable = False
+    # `model.trainable = True` ran first, so a trained layer's variables are
+    # trainable as its own layer made them (BatchNorm statistics are not).
     trained_ids = {id(v) for layer in trained for v in layer.weights}
-    frozen_before = set(trainable_state["frozen_variables"])
     factors = {id(v) for lyr in adapted for v in (lyr.lora_a, lyr.lora_b)}
     for variable in model.weights:
         variable.trainable = id(variable) in factors or (
-            id(variable) in trained_ids and variable.path not in frozen_before
+            id(variable) in trained_ids and variable.trainable
         )
 
 
@@ -412,7 +413,8 @@ def _restore_trainable(model, state):
     # Parents come before their children here, and the `trainable` setter
     # recurses, so each child's own flag is set after its parent's.
     for layer in targets_lib.sublayers(model):
-        layer.trainable = layer.path not in frozen_layers
+        if layer.path:  # an InputLayer has none: its parent's flag it keeps
+            layer.trainable = layer.path not in frozen_layers
     for variable in model.weights:
         variable.trainable = variable.path not in frozen_variables
 
