@@ -21,7 +21,7 @@ the same for Sequential, Functional, subclassed and KerasHub models.
 
 import contextlib
 
-from keras.src.saving import object_registration, serialization_lib
+import keras
 
 REGISTERED_NAME = "keras_lora>AdaptedModel"
 
@@ -35,7 +35,7 @@ class AdaptedModel:
 
     def get_config(self):
         with as_class(self, self._keras_lora_base):
-            inner = serialization_lib.serialize_keras_object(self)
+            inner = keras.saving.serialize_keras_object(self)
         # The outer object recompiles after LoRA is on: drop the inner copy.
         inner.pop("compile_config", None)
         return {
@@ -51,7 +51,7 @@ class AdaptedModel:
         # Keras skips this for models with a custom `compile` (KerasHub tasks),
         # which would lose the optimizer state on reload; their `compile`
         # accepts Keras's compile arguments, so call it.
-        self.compile(**serialization_lib.deserialize_keras_object(config))
+        self.compile(**keras.saving.deserialize_keras_object(config))
         if self.built:
             self.optimizer.build(self.trainable_variables)
 
@@ -72,7 +72,7 @@ class AdaptedModel:
             **{key: config["lora"].get(key, []) for key in LEGACY_KEYS},
         }
         state = check_trainable_state(state, "The saved model")
-        model = serialization_lib.deserialize_keras_object(
+        model = keras.saving.deserialize_keras_object(
             config["model"], custom_objects=custom_objects
         )
         # The weights are loaded after this: there are no base values yet.
@@ -80,7 +80,7 @@ class AdaptedModel:
 
 
 # Registered under one name: every per-class subclass loads through the mixin.
-object_registration.GLOBAL_CUSTOM_OBJECTS[REGISTERED_NAME] = AdaptedModel
+keras.saving.get_custom_objects()[REGISTERED_NAME] = AdaptedModel
 
 
 def adapted_class(base_class):
@@ -96,7 +96,9 @@ def adapted_class(base_class):
             (AdaptedModel, base_class),
             {"__module__": __name__, "_keras_lora_base": base_class},
         )
-        object_registration.GLOBAL_CUSTOM_NAMES[cls] = REGISTERED_NAME
+        # Saved under the one registered name; loading stays with the mixin.
+        keras.saving.register_keras_serializable("keras_lora", "AdaptedModel")(cls)
+        keras.saving.get_custom_objects()[REGISTERED_NAME] = AdaptedModel
         _adapted_classes[base_class] = cls
     return _adapted_classes[base_class]
 
