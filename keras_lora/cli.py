@@ -17,6 +17,7 @@ The backend is Keras's: set `KERAS_BACKEND=jax|torch|tensorflow`.
 
 import argparse
 import importlib
+import os
 import sys
 
 PROG = "keras-lora"
@@ -27,6 +28,22 @@ COMMANDS = {
     "demo": (
         "keras_lora.commands.demo",
         "fine-tune a small GPT-2 with LoRA, offline, and export it",
+    ),
+    "inspect": (
+        "keras_lora.commands.inspect_file",
+        "show what an adapter file, PEFT adapter folder or .keras model holds",
+    ),
+    "merge": (
+        "keras_lora.commands.merge",
+        "fold an adapter into its base model and write one plain .keras model",
+    ),
+    "convert": (
+        "keras_lora.commands.convert",
+        "convert a PEFT adapter folder to a keras-lora adapter file, or back",
+    ),
+    "analyze": (
+        "keras_lora.commands.analyze",
+        "compare two adapters: subspace similarity, spectrum, amplification",
     ),
 }
 EPILOG = (
@@ -107,6 +124,9 @@ def main(argv=None):
         check(args.parser, args)
     try:
         code = args.module.run(args)
+    except BrokenPipeError:  # `keras-lora inspect ... | head`: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
         return 130

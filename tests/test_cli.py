@@ -182,8 +182,12 @@ def _command():
 
 @pytest.mark.parametrize(
     "argv",
-    [["--help"], ["--version"], ["nonsense"]],
-    ids=["help", "version", "bad-command"],
+    [
+        ["--help"],
+        ["--version"],
+        ["nonsense"],
+        *([name, "--help"] for name in ("inspect", "merge", "convert", "analyze")),
+    ],
 )
 def test_help_and_version_do_not_import_keras(argv):
     """Issue 16: `keras-lora --help` took 23 s because it imported Keras and TF."""

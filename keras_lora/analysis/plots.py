@@ -31,7 +31,7 @@ def plot_similarity(grids, filepath, title=None):
             "`grids` must map panel titles to 2-D arrays. Received: "
             f"{ {name: np.shape(g) for name, g in grids.items()} }"
         )
-    figure = figure_class(figsize=(3.2 * len(grids) + 1, 3.4))
+    figure = figure_class(figsize=(3.2 * len(grids) + 1, 3.4), layout="constrained")
     axes = figure.subplots(1, len(grids), squeeze=False)
     for ax, (name, grid) in zip(axes[0], grids.items()):
         image = ax.imshow(
@@ -44,12 +44,14 @@ def plot_similarity(grids, filepath, title=None):
             extent=(0.5, grid.shape[1] + 0.5, grid.shape[0] + 0.5, 0.5),
         )
         ax.set_title(name, fontsize=9)
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.get_major_locator().set_params(integer=True)
         ax.set_xlabel("j")
         ax.set_ylabel("i")
     figure.colorbar(image, ax=list(axes[0]), label="φ(i, j)")
     if title:
         figure.suptitle(title, fontsize=10)
-    figure.savefig(filepath, dpi=120, bbox_inches="tight")
+    figure.savefig(filepath, dpi=120)
     return filepath
 
 
@@ -67,7 +69,7 @@ def plot_spectrum(spectra, filepath, title=None):
     figure_class = _figure_class()
     if not spectra:
         raise ValueError("`spectra` must not be empty. Received: spectra={}")
-    figure = figure_class(figsize=(5.5, 3.6))
+    figure = figure_class(figsize=(5.5, 3.6), layout="constrained")
     ax = figure.subplots()
     for label, values in spectra.items():
         values = np.asarray(values, dtype="float64")
@@ -80,7 +82,7 @@ def plot_spectrum(spectra, filepath, title=None):
         ax.legend(fontsize=7)
     if title:
         ax.set_title(title, fontsize=10)
-    figure.savefig(filepath, dpi=120, bbox_inches="tight")
+    figure.savefig(filepath, dpi=120)
     return filepath
 
 
