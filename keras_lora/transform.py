@@ -210,7 +210,8 @@ def _freeze_all_but(model, adapted, trained):
     """
     keep = _with_relatives(model, [*adapted, *trained])
     for layer in targets_lib.sublayers(model):
-        if id(layer) not in keep and layer.trainable:
+        # A layer without weights (an InputLayer) has nothing to freeze.
+        if id(layer) not in keep and layer.trainable and layer.weights:
             layer.trainable = False
     # `model.trainable = True` ran first, so a trained layer's variables are
     # trainable as its own layer made them (BatchNorm statistics are not).
