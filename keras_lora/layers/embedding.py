@@ -2,8 +2,8 @@
 
 import keras
 from keras import ops
-from keras.src.backend import set_keras_mask
 
+from keras_lora.keras_private import set_keras_mask
 from keras_lora.layers.lora_layer import LoRALayer
 
 # PEFT's choice for embeddings: the gathered factor starts at zero and the

@@ -1,0 +1,16 @@
+"""The private Keras names keras-lora needs, in one place.
+
+Keras exports no public API for these. Private names move between Keras
+releases, so every use goes through this module, and
+`tests/test_keras_private.py` checks each one against the installed Keras: if
+Keras changes one, that test fails and says what to look for, rather than a
+LoRA layer going silently wrong.
+"""
+
+# A LoRA embedding's `call` returns a new tensor: Keras reads the padding mask
+# that the next layer receives from this tensor attribute (`_keras_mask`), set
+# by Keras's own `Embedding` through this function. No public setter exists
+# (Keras 3.15).
+from keras.src.backend import set_keras_mask
+
+__all__ = ["set_keras_mask"]

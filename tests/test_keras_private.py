@@ -1,0 +1,70 @@
+"""The private Keras names in `keras_lora/keras_private.py` still do their job.
+
+If one of these fails after a Keras upgrade, Keras moved or changed a private
+name: find its new home in Keras's own `Embedding` (how it hands the padding
+mask to the next layer) and update `keras_lora/keras_private.py` only.
+"""
+
+import ast
+import os
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_lora import keras_private
+
+PACKAGE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "keras_lora")
+# Quantized bases (issue 12) read Keras's quantizers from `keras.src`; to move
+# into keras_private.py with a test of their own.
+NOT_MOVED_YET = {os.path.join("layers", "quantized.py")}
+
+
+class MaskRecorder(keras.layers.Layer):
+    """Returns its input and keeps the mask Keras gave it."""
+
+    def call(self, inputs, mask=None):
+        self.mask = mask
+        return inputs
+
+
+def test_set_keras_mask_reaches_the_next_layer():
+    outputs = ops.ones((2, 3, 4))
+    mask = np.array([[True, True, False], [True, False, False]])
+    keras_private.set_keras_mask(outputs, ops.convert_to_tensor(mask))
+    recorder = MaskRecorder()
+    recorder(outputs)
+    assert recorder.mask is not None, (
+        "keras_private.set_keras_mask no longer hands a mask to the next layer"
+    )
+    np.testing.assert_array_equal(ops.convert_to_numpy(recorder.mask), mask)
+
+
+def test_set_keras_mask_is_what_keras_embedding_uses():
+    # Keras's Embedding(mask_zero=True) gives the next layer the same mask.
+    ids = np.array([[3, 1, 0], [2, 0, 0]])
+    recorder = MaskRecorder()
+    recorder(keras.layers.Embedding(5, 4, mask_zero=True)(ids))
+    np.testing.assert_array_equal(ops.convert_to_numpy(recorder.mask), ids != 0)
+
+
+def test_private_keras_imports_only_in_keras_private():
+    """Every `keras.src` import of the package is in keras_private.py."""
+    found = []
+    for folder, _, files in os.walk(PACKAGE):
+        for name in files:
+            if not name.endswith(".py"):
+                continue
+            path = os.path.join(folder, name)
+            with open(path, encoding="utf-8") as f:
+                tree = ast.parse(f.read())
+            for node in ast.walk(tree):
+                if isinstance(node, ast.ImportFrom):
+                    modules = [node.module or ""]
+                elif isinstance(node, ast.Import):
+                    modules = [alias.name for alias in node.names]
+                else:
+                    continue
+                if any(m == "keras.src" or m.startswith("keras.src.") for m in modules):
+                    found.append(os.path.relpath(path, PACKAGE))
+    assert set(found) <= {"keras_private.py", *NOT_MOVED_YET}
