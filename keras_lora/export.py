@@ -19,7 +19,8 @@ def export_merged(model, filepath):
     """Writes `model` with every LoRA update merged as a standard `.keras` file.
 
     The file has the layer classes and weight shapes of the model before
-    `enable_lora`, no LoRA class, config key or factor, and no optimizer: it
+    `enable_lora`, no LoRA class, config key or factor, no compile settings
+    and no optimizer state (only a fresh copy of the optimizer, see below): it
     loads with `keras.saving.load_model` without keras-lora installed. The
     live model is untouched and can keep training.
 
@@ -57,8 +58,12 @@ def _plain_view(model, layers):
             layer.__class__ = layer._lora_base_class_of()
         classes.append((model, type(model)))
         model.__class__ = adapted_model.original_class(model)
-        # No optimizer or compile settings: they belong to the LoRA variables.
-        for name, value in (("optimizer", None), ("get_compile_config", _none)):
+        # No optimizer state or compile settings: they belong to the LoRA
+        # variables. A KerasHub task compiles itself when it is loaded, and
+        # Keras warns "Skipping variable loading for optimizer" unless the
+        # file holds the variables of a fresh optimizer: write an unbuilt copy.
+        fresh = _unbuilt_copy(getattr(model, "optimizer", None))
+        for name, value in (("optimizer", fresh), ("get_compile_config", _none)):
             overrides.append((model, name, model.__dict__.get(name, _MISSING)))
             model.__dict__[name] = value
         yield
@@ -73,6 +78,13 @@ def _plain_view(model, layers):
 
 
 _MISSING = object()
+
+
+def _unbuilt_copy(optimizer):
+    """The optimizer's settings without its state (`iterations` is 0)."""
+    if optimizer is None:
+        return None
+    return optimizer.__class__.from_config(optimizer.get_config())
 
 
 def _none():
