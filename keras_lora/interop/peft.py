@@ -122,13 +122,8 @@ def load_peft_adapter(model, path):
         "targets": "peft",
         "layers": {p: dict(config) for p, (_, config, _, _) in plan.items()},
         "train_layers": [unique_path(layer) for layer, _ in trained],
-        "frozen_layers": [
-            unique_path(layer)
-            for layer in targets_lib.sublayers(model)
-            if not layer.trainable and layer.path
-        ],
-        "frozen_variables": [v.path for v in model.weights if not v.trainable],
     }
+    optimizer = getattr(model, "optimizer", None)
     previous = [
         (variable, keras.ops.convert_to_numpy(variable))
         for layer, _ in trained
@@ -145,7 +140,8 @@ def load_peft_adapter(model, path):
     except BaseException:  # an interrupt too: all or nothing
         for variable, value in previous:
             variable.assign(value)
-        transform.revert(model, merge=False)
+        # The optimizer (and its state) goes back with the old variables.
+        transform.revert(model, merge=False, optimizer=optimizer)
         raise
     return model
 

@@ -117,9 +117,11 @@ def write(path, tensors, metadata=None):
     """
     safetensors = _library()
     arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
-    safetensors.numpy.save_file(
-        arrays, os.fspath(path), metadata={"format": "pt", **(metadata or {})}
-    )
+    data = safetensors.numpy.save(arrays, metadata={"format": "pt", **(metadata or {})})
+    # Written with `open`, not `save_file` (which makes a 0600 file of its
+    # own): the file gets the mode the umask gives, or keeps its own.
+    with open(path, "wb") as f:
+        f.write(data)
 
 
 def _library():
