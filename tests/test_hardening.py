@@ -448,3 +448,20 @@ def test_item9_loading_without_import_names_keras_lora(tmp_path):
     # With keras_lora imported it loads, adapted.
     loaded = keras.saving.load_model(path)
     assert len(keras_lora.lora_layers(loaded)) == 1
+
+
+def test_disable_lora_after_reload_warns_that_heads_stay_trained(tmp_path):
+    model = mlp()
+    keras_lora.enable_lora(model, rank=2, targets=["hidden"], train_layers=["head"])
+    model.get_layer("head").bias.assign(np.ones(3, "float32"))
+    path = tmp_path / "adapted.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    with pytest.warns(UserWarning, match=r"\['head'\].*keep their trained values"):
+        with keras_lora.disable_lora(loaded):
+            bias = to_numpy(loaded.get_layer("head").bias)
+    np.testing.assert_array_equal(bias, np.ones(3, "float32"))
+    # The live model knows its base values: the head goes back inside.
+    with keras_lora.disable_lora(model):
+        assert np.abs(to_numpy(model.get_layer("head").bias) - 1).min() > 0
+    np.testing.assert_array_equal(to_numpy(model.get_layer("head").bias), 1.0)
