@@ -145,14 +145,17 @@ def test_bert_classifier_mixed_bfloat16_fit():
     ],
 )
 def test_paper_trainable_counts(name, cls, layers, hidden, heads, rank, expected):
-    # Real layer sizes; a tiny vocabulary and sequence (they do not matter).
+    # Real attention sizes (all that q/v LoRA sees); a tiny vocabulary,
+    # sequence and MLP, and bfloat16 weights (the factors stay float32): at
+    # real size, GPT-2 large alone took 2.8 GB of the suite's memory.
     backbone = getattr(kh, cls)(
         vocabulary_size=8,
         num_layers=layers,
         num_heads=heads,
         hidden_dim=hidden,
-        intermediate_dim=4 * hidden,
+        intermediate_dim=8,
         max_sequence_length=8,
+        dtype="bfloat16",
     )
     keras_lora.enable_lora(backbone, rank=rank)
     trainable, _, _ = keras_lora.trainable_summary(backbone)
