@@ -16,7 +16,7 @@ import numpy as np
 
 from keras_lora import adapted_model
 from keras_lora import targets as targets_lib
-from keras_lora.layers import lora_math
+from keras_lora.layers import lora_math, quantized
 from keras_lora.layers.dense import LoRADense
 from keras_lora.layers.einsum_dense import LoRAEinsumDense
 from keras_lora.layers.embedding import LoRAEmbedding
@@ -191,6 +191,9 @@ def apply_spec(model, spec, trainable_state=None, keep_base_values=True):
         _restore_trainable(model, trainable_state)
         raise
     _freeze_all_but(model, lora_layers(model), trained_layers)
+    # A tied int8 logits table would otherwise give the layers below it no
+    # gradient (keras_lora/layers/quantized.py).
+    quantized.give_tied_logits_a_gradient(model)
     if not adapted_model.is_adapted(model):
         model.__class__ = adapted_model.adapted_class(type(model))
     object.__setattr__(model, "_keras_lora_spec", spec)

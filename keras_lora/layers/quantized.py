@@ -1,0 +1,271 @@
+"""LoRA on quantized bases: which modes, and the frozen kernel in float.
+
+A LoRA layer leaves its quantized base exactly as Keras built it: the base
+output is the Keras class's own `quantized_call` (int8 or int4 kernel, Keras's
+custom input gradient through the dequantized kernel), and the layer adds the
+float32 low-rank term. What LoRA needs beyond that lives here:
+
+- `check_mode`: the quantization modes that can carry a trainable side path;
+- `kernel_shape` and `dequantized_kernel`: the logical kernel, for the
+  factors' shapes and for `W' = dequant(W) + s·A·B` at merge and export;
+- `twin`: a fresh base-class layer holding a given float kernel, optionally
+  quantized by Keras's own `quantize`, whose variables replace the live
+  layer's on merge (in place) or on export (in the file);
+- `reverse_input_gradient`: the fix for tied quantized `ReversibleEmbedding`s,
+  whose logits path quantizes its input with no gradient.
+
+Only Keras's own variable layouts are read (`_kernel`, `kernel_scale`,
+`kernel_zero`, `g_idx`, ...), the way Keras's `_get_kernel_with_merged_lora`
+reads them.
+"""
+
+import keras
+from keras import ops
+from keras.src import quantizers
+from keras.src.quantizers.quantizers import dequantize_with_sz_map
+
+# Modes whose base call is a fixed function of frozen variables, with an input
+# gradient: a LoRA path can be added after it. float8 trains its scales through
+# the gradient (`overwrite_with_gradient`), and GPTQ/AWQ replace the kernel by
+# a calibrated one; Keras's own LoRA refuses those too.
+SUPPORTED_MODES = ("int8", "int4")
+
+
+def check_mode(mode, layer_name):
+    """Raises a `ValueError` unless LoRA can adapt a layer in this mode."""
+    if mode is not None and mode not in SUPPORTED_MODES:
+        raise ValueError(
+            f"LoRA cannot adapt layer '{layer_name}' quantized with "
+            f"mode={mode!r}: it supports float layers and the modes "
+            f"{SUPPORTED_MODES} (quantize with `model.quantize('int8')` or "
+            f"`'int4'`). Received: quantization_mode={mode!r}"
+        )
+
+
+def kernel_shape(layer):
+    """The logical (unpacked) shape of the kernel of a Dense/EinsumDense/Embedding."""
+    if isinstance(layer, keras.layers.Embedding):
+        return (layer.input_dim, layer.output_dim)
+    if isinstance(layer, keras.layers.EinsumDense):
+        if layer.quantization_mode == "int4":
+            return tuple(layer.original_kernel_shape)
+        return tuple(layer._kernel.shape)
+    # Dense: int4 packs the output axis, the input axis stays whole.
+    return (layer._kernel.shape[0], layer.units)
+
+
+def kernel_variable(layer):
+    """The variable that holds the (possibly quantized) kernel."""
+    if isinstance(layer, keras.layers.Embedding):
+        return layer._embeddings
+    return layer._kernel
+
+
+def dequantized_kernel(layer):
+    """The kernel as a float32 tensor of `kernel_shape(layer)`.
+
+    For a float layer, the kernel itself (cast); for int8/int4, the
+    dequantized kernel, computed as Keras's own quantized call computes it.
+    """
+    mode = layer.quantization_mode
+    kernel = kernel_variable(layer)
+    if mode is None:
+        return ops.cast(kernel, "float32")
+    check_mode(mode, layer.name)
+    if isinstance(layer, keras.layers.Embedding):
+        return _dequantized_embeddings(layer, mode)
+    grouped = _block_size(layer) is not None
+    if isinstance(layer, keras.layers.EinsumDense):
+        if mode == "int8":
+            scale = layer._adjust_scale_for_dequant(layer.kernel_scale)
+            return ops.divide(ops.cast(kernel, "float32"), scale)
+        values = quantizers.unpack_int4(
+            kernel, layer._int4_unpacked_column_size, axis=-1, dtype="int8"
+        )
+    else:  # Dense
+        if mode == "int8":
+            return ops.divide(ops.cast(kernel, "float32"), layer.kernel_scale)
+        values = quantizers.unpack_int4(kernel, layer._orig_output_dim, axis=-1)
+    values = ops.cast(values, "float32")
+    if grouped:
+        values = dequantize_with_sz_map(
+            values, layer.kernel_scale, layer.kernel_zero, layer.g_idx, group_axis=0
+        )
+    else:
+        values = ops.divide(values, layer.kernel_scale)
+    return ops.reshape(ops.cast(values, "float32"), kernel_shape(layer))
+
+
+def _dequantized_embeddings(layer, mode):
+    values = layer._embeddings
+    if mode == "int4":
+        values = quantizers.unpack_int4(values, layer._orig_output_dim, axis=-1)
+    values = ops.cast(values, "float32")
+    if mode == "int4" and _block_size(layer) is not None:
+        return ops.cast(
+            dequantize_with_sz_map(
+                values,
+                layer.embeddings_scale,
+                layer.embeddings_zero,
+                layer.g_idx,
+                group_axis=-1,
+            ),
+            "float32",
+        )
+    return ops.divide(values, ops.expand_dims(layer.embeddings_scale, -1))
+
+
+def _block_size(layer):
+    """The int4 sub-channel block size, or None for per-channel / int8."""
+    block = getattr(layer, "_int4_block_size", None)
+    return None if block is None or block == -1 else block
+
+
+def source_policy(layer):
+    """The float dtype policy the layer's quantized policy was made from."""
+    policy = layer.dtype_policy
+    if isinstance(policy, keras.dtype_policies.DTypePolicyMap):
+        policy = policy[layer.path]
+    if policy.quantization_mode is None:
+        return policy
+    return keras.dtype_policies.get(policy._source_name)
+
+
+def quantization_config(layer, mode):
+    """The config that re-quantizes like `layer` (mode `mode`), or None."""
+    if mode == layer.quantization_mode and layer.quantization_config is not None:
+        return layer.quantization_config
+    if mode == "int4":
+        from keras.src.quantizers.quantization_config import Int4QuantizationConfig
+
+        block = _block_size(layer) if layer.quantization_mode == "int4" else None
+        return Int4QuantizationConfig(block_size=block if block else -1)
+    return None
+
+
+def twin(layer, base_class, kernel, mode=None, policy=None):
+    """A fresh `base_class` layer like `layer`, holding `kernel`.
+
+    Args:
+        layer: the live layer (a LoRA layer or a plain quantized layer).
+        base_class: its plain Keras class.
+        kernel: float kernel of `kernel_shape(layer)`.
+        mode: None for a float twin, or `"int8"`/`"int4"`: the twin is then
+            quantized by Keras's own `quantize` (the quantizer Keras uses).
+        policy: the twin's float dtype policy (default: the layer's source
+            policy, e.g. `"float32"` for `"int8_from_float32"`).
+
+    Returns:
+        The built twin. Its other variables (bias, untied reverse table) are
+        copied from `layer` when their layouts agree.
+    """
+    config = base_class.get_config(layer)
+    config["dtype"] = policy or source_policy(layer)
+    config.pop("quantization_config", None)
+    config.pop("lora_rank", None)
+    copy = base_class.from_config(config)
+    shapes = getattr(layer, "_build_shapes_dict", None) or {}
+    copy.build(**shapes)
+    kernel_variable(copy).assign(ops.cast(kernel, kernel_variable(copy).dtype))
+    own = {v.name: v for v in layer.weights}
+    stem = kernel_variable(copy).name
+    for variable in copy.weights:
+        match = own.get(variable.name)
+        if (
+            variable.name != stem
+            and match is not None
+            and tuple(match.shape) == tuple(variable.shape)
+            and match.dtype == variable.dtype
+        ):
+            variable.assign(match)
+    if mode is not None:
+        copy.quantize(mode, config=quantization_config(layer, mode))
+    return copy
+
+
+def quantized_names(layer):
+    """Names of the variables that hold the kernel (quantized or not)."""
+    stem = kernel_variable(layer).name
+    return {stem, f"{stem}_scale", f"{stem}_zero", "g_idx"}
+
+
+def assign_from(layer, source):
+    """Assigns `source`'s kernel variables to `layer`'s (same mode and shapes)."""
+    names = quantized_names(layer)
+    own = {v.name: v for v in layer.weights if v.name in names}
+    for variable in source.weights:
+        if variable.name in own:
+            own[variable.name].assign(variable)
+
+
+def reverse_input_gradient(layer, base_call, soft_cap=None):
+    """Wraps a tied quantized reverse (logits) call with an input gradient.
+
+    Keras's int8/int4 `ReversibleEmbedding` quantizes its input on the logits
+    path (`inputs_quantizer`), and an integer matmul has no gradient: every
+    layer before the logits gets none, so LoRA below it cannot learn (Keras's
+    own LoRA stays at its first loss). This keeps Keras's forward values and
+    gives the input the gradient through the dequantized table, as Keras's
+    quantized `Dense` does (a straight-through estimate of the activation
+    quantizer). The float table exists only inside the backward pass.
+
+    Args:
+        layer: a `ReversibleEmbedding` with `tie_weights=True`.
+        base_call: `x -> logits`, Keras's quantized reverse call.
+        soft_cap: the `logit_soft_cap` that `base_call` applies, if any.
+    """
+
+    def call(inputs):
+        @ops.custom_gradient
+        def logits_with_input_gradient(x):
+            logits = base_call(x)
+
+            def grad_fn(*args, upstream=None):
+                if upstream is None:
+                    (upstream,) = args
+                if soft_cap is not None:
+                    # d(cap·tanh(z/cap))/dz = 1 - tanh(z/cap)².
+                    capped = ops.divide(logits, soft_cap)
+                    upstream = ops.multiply(
+                        upstream, ops.subtract(1.0, ops.square(capped))
+                    )
+                table = ops.cast(dequantized_kernel(layer), upstream.dtype)
+                return (ops.matmul(upstream, table),)
+
+            return logits, grad_fn
+
+        return logits_with_input_gradient(inputs)
+
+    return call
+
+
+def give_tied_logits_a_gradient(model):
+    """Installs `reverse_input_gradient` on each plain tied `ReversibleEmbedding`.
+
+    Called by `enable_lora` (and on reload). The instance's `quantized_call`
+    is only used once the layer is quantized, so this also covers
+    `model.quantize` after `enable_lora`. Float layers are unaffected, and a
+    quantized layer's outputs are unchanged: only its input gets a gradient.
+    """
+    reversible = getattr(keras.layers, "ReversibleEmbedding", None)
+    if reversible is None:
+        return
+    for layer in model._flatten_layers(include_self=False):
+        if (
+            type(layer) is reversible
+            and layer.tie_weights
+            and "quantized_call" not in layer.__dict__
+        ):
+            layer.__dict__["quantized_call"] = _tied_quantized_call(layer)
+
+
+def _tied_quantized_call(layer):
+    keras_call = layer.quantized_call
+
+    def quantized_call(inputs, reverse=False, **kwargs):
+        if not reverse:
+            return keras_call(inputs, **kwargs)
+        base = lambda x: keras_call(x, reverse=True)  # noqa: E731
+        return reverse_input_gradient(layer, base, layer.logit_soft_cap)(inputs)
+
+    return quantized_call
