@@ -70,9 +70,9 @@ def load_peft_adapter(model, path):
             f"Model '{model.name}' already has LoRA layers; call "
             "`keras_lora.merge_lora(model)` before loading a PEFT adapter."
         )
-    path = os.fspath(path)
+    path = _check_path(path)
     config, settings = peft_reading.read_config(path)
-    tensors = peft_reading.read_weights(path)
+    tensors = peft_reading.read_weights(path, model)
     grouped, saved = peft_reading.group_tensors(tensors, config)
     prefix, named = peft_reading.match_modules(grouped, context)
     peft_reading.check_targets(config, prefix, named, context)
@@ -186,6 +186,7 @@ def save_peft_adapter(model, path, module_prefix=None):
     >>> backbone.fit(...)
     >>> keras_lora.save_peft_adapter(backbone, "./my-peft-adapter")
     """
+    path = _check_path(path)
     context = _resolve(model)
     layers = transform.lora_layers(model)
     if not layers:
@@ -252,6 +253,15 @@ def save_peft_adapter(model, path, module_prefix=None):
     config = peft_writing.write_config(records, context, module_prefix)
     config["modules_to_save"] = sorted(saved) or None
     return peft_writing.write_folder(path, config, tensors)
+
+
+def _check_path(path):
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(
+            f"`path` must be a folder path (a str or os.PathLike). Received: "
+            f"path={path!r}"
+        )
+    return os.fspath(path)
 
 
 def _resolve(model):

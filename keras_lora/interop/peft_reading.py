@@ -67,8 +67,14 @@ def read_config(path):
     return config, peft_config_check.check(config, file)
 
 
-def read_weights(path):
-    """Reads `adapter_model.safetensors` (never a pickled `.bin`) as float32."""
+def read_weights(path, model=None):
+    """Reads `adapter_model.safetensors` (never a pickled `.bin`) as float32.
+
+    With a `model`: a LoRA factor has at most as many values as the kernel
+    it adapts (rank <= min(d_in, d_out)), so an adapter holds at most three
+    times the model's parameters (A, B and a saved embedding table); a file
+    that declares more is refused before its data is read.
+    """
     file = os.path.join(path, WEIGHTS_FILE)
     if not os.path.isfile(file):
         pickled = os.path.exists(os.path.join(path, "adapter_model.bin"))
@@ -84,7 +90,8 @@ def read_weights(path):
             )
             + f". Received: path={path!r}"
         )
-    tensors, _ = safetensors_io.read(file)
+    limit = None if model is None else 3 * model.count_params()
+    tensors, _ = safetensors_io.read(file, max_values=limit)
     for name, value in tensors.items():
         if value.dtype.name not in _FLOAT_DTYPES:
             raise ValueError(

@@ -9,6 +9,7 @@ that name the file and the offending field (`safetensors_errors.py`).
 """
 
 import json
+import math
 import os
 
 import numpy as np
@@ -33,11 +34,13 @@ NUMPY_DTYPES = {
 }
 
 
-def read(path):
+def read(path, max_values=None):
     """Returns `({name: np.ndarray}, metadata)`; bf16 tensors become float32.
 
     Args:
         path: a `.safetensors` file.
+        max_values: refuse a file whose tensors hold more values than this
+            in all, before any is read (None: no limit).
 
     Returns:
         The tensors by name, and the `__metadata__` dict of strings (`{}` if
@@ -46,7 +49,8 @@ def read(path):
     Raises:
         ValueError: if the `safetensors` package rejects the file (the message
             names the file and the field at fault), or a tensor has a dtype
-            NumPy cannot hold (the float8 and sub-byte formats).
+            NumPy cannot hold (the float8 and sub-byte formats), or the
+            tensors hold more than `max_values` values.
         ImportError: if `safetensors` is not installed.
 
     Example:
@@ -72,6 +76,12 @@ def read(path):
             raise ValueError(
                 f"Tensor '{name}' in '{path}' has a dtype NumPy cannot hold. "
                 f"Received: dtype={dtype!r}"
+            )
+        values = sum(math.prod(f.get_slice(name).get_shape()) for name in dtypes)
+        if max_values is not None and values > max_values:
+            raise ValueError(
+                f"'{path}' holds {values} values, more than the {max_values} "
+                f"expected at most. Received: size={os.path.getsize(path)} bytes"
             )
         bf16 = [name for name, dtype in dtypes.items() if dtype == "BF16"]
         tensors = {name: f.get_tensor(name) for name in dtypes if name not in bf16}

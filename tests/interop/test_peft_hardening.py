@@ -267,6 +267,15 @@ def test_reader_checks_sizes_before_reading_data(tmp_path):
     assert peak < 2**20
 
 
+def test_adapter_larger_than_the_model_is_refused_unread(llama, tmp_path):
+    """A valid file too large for any adapter of this model (the real attack
+    needs a big file; the check runs on declared sizes, before reading)."""
+    values = 3 * llama.count_params() + 1
+    weights = {**q_proj_factors(), "base_model.model.extra": np.zeros(values, "f2")}
+    folder = write_adapter(tmp_path, {}, weights)
+    assert_refused(llama, folder, "adapter_model.safetensors", f"holds {values + 128}")
+
+
 # Item 8: every malformed adapter is one ValueError naming file and field.
 
 CONFIGS = [
@@ -342,6 +351,14 @@ def test_integer_factors_are_refused(llama, tmp_path):
     weights = {k: v.astype("int32") for k, v in q_proj_factors().items()}
     folder = write_adapter(tmp_path, {}, weights)
     assert_refused(llama, folder, "adapter_model.safetensors", "dtype=int32")
+
+
+def test_path_must_be_a_path(llama, adapted):
+    for bad in (None, 3, ["folder"]):
+        with pytest.raises(ValueError, match="`path` must be a folder path"):
+            keras_lora.load_peft_adapter(llama, bad)
+        with pytest.raises(ValueError, match="`path` must be a folder path"):
+            keras_lora.save_peft_adapter(adapted, bad)
 
 
 class _Marker:
