@@ -162,10 +162,11 @@ def save_peft_adapter(model, path, module_prefix=None):
     Args:
         model: a KerasHub backbone or task model with LoRA layers (from
             `enable_lora`, `load_peft_adapter` or `load_adapter`).
-        path: the folder to write (created; files of the same name in an
-            existing folder are replaced). Everything is written to a
-            temporary folder beside it first, so a failure leaves nothing
-            half written.
+        path: the folder to write (created with the mode `os.makedirs`
+            gives; in an existing folder, files of the same name are
+            replaced, keeping their modes, through symlinks). Both files are
+            written in full beside their final names first, so a failure
+            leaves nothing half written.
         module_prefix: the prefix of module names in the transformers model
             the adapter is for. None: the base model (`LlamaModel`, no prefix)
             for a backbone, the task model (`LlamaForCausalLM`: `"model."`)
