@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from keras_lora.layers import quantized
 from keras_lora.layers.lora_layer import LoRALayer
 
 
@@ -16,6 +17,11 @@ class LoRADense(LoRALayer, keras.layers.Dense):
     `lora_a` and `lora_b` train. The full `d_in × units` update is never built
     in a step. A starts He-uniform and B at zero, so a fresh layer computes
     exactly what its base `Dense` computes.
+
+    The base may be quantized (`dtype="int8_from_float32"`, or
+    `layer.quantize("int8")`/`"int4"` before or after the factors exist): the
+    base output is then Keras's own int8/int4 computation, the kernel stays
+    quantized in memory, and the factors stay float32 (QLoRA).
 
     Args:
         units: positive int, dimensionality of the output space.
@@ -59,20 +65,14 @@ class LoRADense(LoRALayer, keras.layers.Dense):
         self._build_lora()
 
     def _lora_layout(self):
-        d_in, d_out = self._kernel.shape
+        d_in, d_out = quantized.kernel_shape(self)
         return (d_in, self.rank), (self.rank, d_out), d_in, d_out
 
     @property
     def lora_merge_equation(self):
         return "ir,ro->io"
 
-    def call(self, inputs, training=None):
+    def _lora_delta(self, inputs, training):
         a, b = self._lora_factors()
-        x = ops.matmul(inputs, self._kernel)
         low_rank = ops.matmul(self._lora_input(inputs, training), self._lora_down(a))
-        x = ops.add(x, ops.matmul(self._scaled(low_rank), b))
-        if self.bias is not None:
-            x = ops.add(x, self.bias)
-        if self.activation is not None:
-            x = self.activation(x)
-        return x
+        return ops.matmul(self._scaled(low_rank), b)

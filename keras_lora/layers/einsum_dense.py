@@ -16,6 +16,7 @@ import string
 import keras
 from keras import ops
 
+from keras_lora.layers import quantized
 from keras_lora.layers.lora_layer import LoRALayer
 
 _SPEC = r"([a-zA-Z]*(?:\.\.\.)?[a-zA-Z]*)"
@@ -135,7 +136,7 @@ class LoRAEinsumDense(LoRALayer, keras.layers.EinsumDense):
     def _lora_layout(self):
         self._lora_equations = split_einsum_equation(self.equation)
         kernel_axes = self._lora_equations["kernel"]
-        size = dict(zip(kernel_axes, self._kernel.shape))
+        size = dict(zip(kernel_axes, quantized.kernel_shape(self)))
         dims = lambda axes: [size[c] for c in axes]  # noqa: E731
         groups = dims(self._lora_equations["group_axes"])
         d_in = dims(self._lora_equations["input_axes"])
@@ -168,23 +169,20 @@ class LoRAEinsumDense(LoRALayer, keras.layers.EinsumDense):
             and output == kept + "".join(eq["output_axes"])
         )
 
-    def call(self, inputs, training=None):
+    def _lora_delta(self, inputs, training):
         a, b = self._lora_factors()
         equations = self._lora_equations
-        x = ops.einsum(self.equation, inputs, self._kernel)
         lora_inputs = self._lora_input(inputs, training)
         if self._lora_is_matmul():
             d_in = math.prod(a.shape[:-1])
             low_rank = ops.matmul(
                 ops.reshape(lora_inputs, (-1, d_in)), self._lora_down(a)
             )
-            update = ops.matmul(self._scaled(low_rank), ops.reshape(b, (self.rank, -1)))
-            x = ops.add(x, ops.reshape(update, ops.shape(x)))
-        else:
-            low_rank = ops.einsum(equations["down"], lora_inputs, a)
-            x = ops.add(x, ops.einsum(equations["up"], self._scaled(low_rank), b))
-        if self.bias is not None:
-            x = ops.add(x, self.bias)
-        if self.activation is not None:
-            x = self.activation(x)
-        return x
+            update = ops.matmul(
+                self._scaled(low_rank), ops.reshape(b, (b.shape[0], -1))
+            )
+            # The output's shape: the input's kept axes, then B's output axes.
+            kept = ops.shape(inputs)[: len(ops.shape(inputs)) - (len(a.shape) - 1)]
+            return ops.reshape(update, (*kept, *b.shape[1:]))
+        low_rank = ops.einsum(equations["down"], lora_inputs, a)
+        return ops.einsum(equations["up"], self._scaled(low_rank), b)

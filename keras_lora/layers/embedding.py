@@ -4,6 +4,7 @@ import keras
 from keras import ops
 
 from keras_lora.keras_private import set_keras_mask
+from keras_lora.layers import quantized
 from keras_lora.layers.lora_layer import LoRALayer
 
 # PEFT's choice for embeddings: the gathered factor starts at zero and the
@@ -37,22 +38,32 @@ class _LoRALookup(LoRALayer):
         self._build_lora()
 
     def _lora_layout(self):
-        d_in, d_out = self._embeddings.shape
+        d_in, d_out = quantized.kernel_shape(self)
         return (d_in, self.rank), (self.rank, d_out), d_in, d_out
 
     @property
     def lora_merge_equation(self):
         return "ir,ro->io"
 
-    def _lookup(self, inputs, training):
+    def call(self, inputs, training=None):
+        return self._lora_forward(keras.layers.Embedding.call, inputs, training)
+
+    def quantized_call(self, inputs, training=None):
+        return self._lora_forward(
+            keras.layers.Embedding.quantized_call, inputs, training
+        )
+
+    def _lora_forward(self, base_call, inputs, training):
+        # No activation, and the base calls take no `training` argument.
+        outputs = base_call(self, inputs)
+        return ops.add(outputs, self._lora_delta(inputs, training))
+
+    def _lora_delta(self, inputs, training):
         if inputs.dtype != "int32" and inputs.dtype != "int64":
             inputs = ops.cast(inputs, "int32")
         a, b = self._lora_factors()
-        outputs = ops.cast(
-            ops.take(self._embeddings, inputs, axis=0), self.compute_dtype
-        )
         low_rank = self._lora_input(ops.take(a, inputs, axis=0), training)
-        return ops.add(outputs, ops.matmul(self._scaled(low_rank), b))
+        return ops.matmul(self._scaled(low_rank), b)
 
     @classmethod
     def adapt(
@@ -106,9 +117,6 @@ class LoRAEmbedding(_LoRALookup, keras.layers.Embedding):
 
     _lora_base = keras.layers.Embedding
 
-    def call(self, inputs, training=None):
-        return self._lookup(inputs, training)
-
 
 if hasattr(keras.layers, "ReversibleEmbedding"):
 
@@ -123,13 +131,35 @@ if hasattr(keras.layers, "ReversibleEmbedding"):
         _lora_base = keras.layers.ReversibleEmbedding
 
         def call(self, inputs, reverse=False, training=None):
-            if not reverse:
-                outputs = self._lookup(inputs, training)
-                mask = keras.layers.Embedding.compute_mask(self, inputs)
-                if mask is not None:
-                    set_keras_mask(outputs, mask)
-                return outputs
-            a, b = self._lora_factors()
+            if reverse:
+                return self._reverse(self._reverse_base, inputs)
+            return self._forward_with_mask(super().call, inputs, training)
+
+        def quantized_call(self, inputs, reverse=False, training=None):
+            if reverse:
+                base = self._int_reverse
+                if self.tie_weights:
+                    base = quantized.reverse_input_gradient(self, base)
+                return self._reverse(base, inputs)
+            return self._forward_with_mask(super().quantized_call, inputs, training)
+
+        def _int_reverse(self, inputs):
+            # Keras's quantized logits without the soft cap (applied after
+            # the low-rank term, in `_reverse`).
+            cap, self.logit_soft_cap = self.logit_soft_cap, None
+            try:
+                return keras.layers.Layer.quantized_call(self, inputs, reverse=True)
+            finally:
+                self.logit_soft_cap = cap
+
+        def _forward_with_mask(self, lookup, inputs, training):
+            outputs = lookup(inputs, training=training)
+            mask = keras.layers.Embedding.compute_mask(self, inputs)
+            if mask is not None:
+                set_keras_mask(outputs, mask)
+            return outputs
+
+        def _reverse_base(self, inputs):
             if self.tie_weights:
                 kernel = ops.transpose(self._embeddings)
             else:
@@ -137,13 +167,31 @@ if hasattr(keras.layers, "ReversibleEmbedding"):
             if self.reverse_dtype is not None:
                 inputs = ops.cast(inputs, self.reverse_dtype)
                 kernel = ops.cast(kernel, self.reverse_dtype)
-                a, b = ops.cast(a, self.reverse_dtype), ops.cast(b, self.reverse_dtype)
-            logits = ops.matmul(inputs, kernel)
+            return ops.matmul(inputs, kernel)
+
+        def _tied_update(self, inputs):
+            """`s·(x Bᵀ) Aᵀ` of the current adapter (the logits' update)."""
+            a, b = self._lora_factors()
+            if self.reverse_dtype is not None and self.quantization_mode is None:
+                inputs = ops.cast(inputs, self.reverse_dtype)
+                a = ops.cast(a, self.reverse_dtype)
+                b = ops.cast(b, self.reverse_dtype)
+            low_rank = ops.matmul(ops.cast(inputs, b.dtype), ops.transpose(b))
+            return ops.matmul(self._scaled(low_rank), ops.transpose(a))
+
+        def _reverse(self, base, inputs):
+            """Logits: the base's, plus `s·(x Bᵀ) Aᵀ` when the table is tied."""
+            logits = base(inputs)
             if self.tie_weights:
-                low_rank = ops.matmul(inputs, ops.transpose(b))
-                logits = ops.add(
-                    logits, ops.matmul(self._scaled(low_rank), ops.transpose(a))
-                )
+                if self._lora_example_ids is not None:
+                    raise ValueError(
+                        "Per-example adapters (`adapter_ids`) do not support "
+                        f"the tied logits of layer '{self.path}': adapt the "
+                        "attention layers, not the embedding."
+                    )
+                update = self._lora_each_active(lambda: self._tied_update(inputs))
+                if update is not None:
+                    logits = ops.add(logits, ops.cast(update, logits.dtype))
             if self.logit_soft_cap is not None:
                 cap = self.logit_soft_cap
                 logits = ops.multiply(ops.tanh(ops.divide(logits, cap)), cap)

@@ -1,10 +1,12 @@
 """`LoRALayer`: the machinery every LoRA layer type shares.
 
 A LoRA layer is its Keras base class (`Dense`, `EinsumDense`, `Embedding`, ...)
-plus two float32 factors and a frozen base. The subclass says three things:
-where the factors sit relative to the kernel (`_lora_layout`), how the factored
-path is computed (its `call`), and which variable is the kernel
-(`_lora_kernel_attr`). Everything else lives here, once.
+plus two float32 factors and a frozen base. The base output is the base
+class's own `call`, or its `quantized_call` on an int8/int4 base, so every
+quantization mode Keras implements for that class works unchanged; the LoRA
+layer adds `s·(dropout(x)·A)·B` before the activation. The subclass says two
+things: where the factors sit relative to the kernel (`_lora_layout`) and how
+x meets A and B (`_lora_delta`). Everything else lives here, once.
 
 The same object can become a LoRA layer after it was built (`enable_lora`
 changes its class in place, so every reference held by a Functional graph or a
@@ -16,7 +18,8 @@ import math
 import keras
 from keras import ops
 
-from keras_lora.layers import lora_math
+from keras_lora.layers import layouts, lora_math, quantized
+from keras_lora.layers.adapter_set import AdapterSet
 
 # Instance attributes a LoRA layer adds to its base layer.
 _LORA_ATTRIBUTES = (
@@ -31,10 +34,18 @@ _LORA_ATTRIBUTES = (
     "lora_seed_generator",
     "_lora_base_class",
     "_lora_equations",
+    "_lora_keras_quantize",
+    # Named adapters (adapter_set.py).
+    "_lora_primary",
+    "_lora_extra",
+    "_lora_active",
+    "_lora_current",
+    "_lora_example_ids",
+    "_lora_example_names",
 )
 
 
-class LoRALayer:
+class LoRALayer(AdapterSet):
     """Mixin placed before the Keras base class in every LoRA layer."""
 
     # The Keras base class, and its attribute that holds the kernel variable.
@@ -72,11 +83,7 @@ class LoRALayer:
 
     def _build_lora(self):
         """Freezes the base variables and adds the factors (and dropout seed)."""
-        if getattr(self, "quantization_mode", None):
-            raise ValueError(
-                f"LoRA cannot adapt quantized layer '{self.name}'. "
-                f"Received: quantization_mode={self.quantization_mode}"
-            )
+        quantized.check_mode(self.quantization_mode, self.name)
         a_shape, b_shape, d_in, d_out = self._lora_layout()
         lora_math.check_rank_fits(self.rank, d_in, d_out, self.name)
         for variable in self.weights:
@@ -85,21 +92,22 @@ class LoRALayer:
         locked = self._tracker.locked
         self._tracker.unlock()
         try:
-            # Float32 under every dtype policy: bf16 factors stop learning.
-            self.lora_a = self.add_weight(
-                name="lora_a",
-                shape=a_shape,
-                initializer=self.a_initializer,
-                dtype="float32",
-                trainable=True,
-            )
-            self.lora_b = self.add_weight(
-                name="lora_b",
-                shape=b_shape,
-                initializer=self.b_initializer,
-                dtype="float32",
-                trainable=True,
-            )
+            with layouts.factor_layouts(self):  # follow the kernel's sharding
+                # Float32 under every dtype policy: bf16 factors stop learning.
+                self.lora_a = self.add_weight(
+                    name="lora_a",
+                    shape=a_shape,
+                    initializer=self.a_initializer,
+                    dtype="float32",
+                    trainable=True,
+                )
+                self.lora_b = self.add_weight(
+                    name="lora_b",
+                    shape=b_shape,
+                    initializer=self.b_initializer,
+                    dtype="float32",
+                    trainable=True,
+                )
             self.lora_seed_generator = (
                 keras.random.SeedGenerator(name="lora_seed")
                 if self.dropout > 0
@@ -120,20 +128,60 @@ class LoRALayer:
 
     @property
     def lora_base_kernel(self):
-        """The frozen base kernel variable."""
+        """The frozen base kernel variable (int8/packed int4 when quantized)."""
         return getattr(self, self._lora_kernel_attr)
 
+    # The forward pass: the base class's own output, plus the low-rank term
+    # before the activation.
+    def call(self, inputs, training=None):
+        return self._lora_forward(self._lora_base.call, inputs, training)
+
+    def quantized_call(self, inputs, training=None):
+        return self._lora_forward(self._lora_base.quantized_call, inputs, training)
+
+    def _lora_forward(self, base_call, inputs, training):
+        # Keras applies the activation inside `call`; the update must come
+        # before it, so the base runs without it. (Keras's `RematScope`
+        # "activations" mode swaps `self.activation` the same way.)
+        activation = self.activation
+        self.activation = None
+        try:
+            outputs = base_call(self, inputs, training=training)
+        finally:
+            self.activation = activation
+        delta = self._lora_total_delta(inputs, training)
+        if delta is not None:  # None: no adapter active on this layer
+            outputs = ops.add(outputs, delta)
+        return outputs if activation is None else activation(outputs)
+
+    def _lora_delta(self, inputs, training):
+        """Returns s·(dropout(x)·A)·B shaped like the output. Subclasses define it."""
+        raise NotImplementedError
+
     def _lora_input(self, x, training):
-        """Dropout on the LoRA path's input, in training only."""
-        if training and self.dropout > 0:
-            x = keras.random.dropout(x, self.dropout, seed=self.lora_seed_generator)
-        return x
+        """Dropout on the LoRA path's input, in training only.
+
+        `self.dropout` is tested first: under `keras.RematScope` on JAX,
+        `jax.checkpoint` turns `training` into a traced bool that Python cannot
+        branch on. With dropout and a traced flag, both paths are computed and
+        `where` picks one.
+        """
+        current = self._lora_current  # a named adapter, or None: the primary
+        dropout = current.dropout if current else self.dropout
+        if not dropout or training is None or training is False:
+            return x
+        seed = current.seed_generator if current else self.lora_seed_generator
+        dropped = keras.random.dropout(x, dropout, seed=seed)
+        if training is True:
+            return dropped
+        return ops.where(ops.cast(training, "bool"), dropped, x)
 
     def _lora_factors(self):
         """The factors in the compute dtype (they are stored in float32)."""
         dtype = self.compute_dtype
-        a, b = self.lora_a, self.lora_b
-        if self.lora_a.dtype != dtype:
+        current = self._lora_current
+        a, b = (current.a, current.b) if current else (self.lora_a, self.lora_b)
+        if a.dtype != dtype:
             a, b = ops.cast(a, dtype), ops.cast(b, dtype)
         return a, b
 
@@ -146,24 +194,46 @@ class LoRALayer:
         `xᵀ dh`, a GEMM orientation its CPU kernels run several times faster
         (see docs/benchmarks.md); XLA (JAX, TensorFlow) picks its own layouts.
         """
-        d_in = math.prod(a.shape[:-1])
-        a_t = ops.transpose(ops.reshape(a, (d_in, self.rank)))
-        a_t = ops.reshape(ops.reshape(a_t, (d_in * self.rank,)), (self.rank, d_in))
+        d_in, rank = math.prod(a.shape[:-1]), a.shape[-1]
+        a_t = ops.transpose(ops.reshape(a, (d_in, rank)))
+        a_t = ops.reshape(ops.reshape(a_t, (d_in * rank,)), (rank, d_in))
         return ops.transpose(a_t)
 
     def _scaled(self, x):
         """Multiplies the small rank-r intermediate by s (skipped when s = 1)."""
-        return x if self.lora_scale == 1.0 else ops.multiply(x, self.lora_scale)
+        scale = self._lora_current.scale if self._lora_current else self.lora_scale
+        return x if scale == 1.0 else ops.multiply(x, scale)
 
-    def merged_kernel(self):
-        """Returns W + s·ΔW (float32 maths, kernel dtype): for merge and export."""
-        return lora_math.merged_kernel(
-            self.lora_base_kernel,
+    def merged_kernel(self, dtype=None):
+        """Returns dequant(W) + s·ΔW for merge and export.
+
+        Computed in float32. A float base's kernel is returned in its own dtype
+        unless `dtype` is given; a quantized base's merged kernel is float32
+        (re-quantize it with `quantized.twin`).
+        """
+        kernel = (
+            self.lora_base_kernel
+            if self.quantization_mode is None
+            else quantized.dequantized_kernel(self)
+        )
+        if self._lora_active is not None:  # named adapters: the active set
+            merged = ops.add(ops.cast(kernel, "float32"), self.lora_update())
+            return ops.cast(merged, dtype or kernel.dtype)
+        merged = lora_math.merged_kernel(
+            kernel,
             self.lora_a,
             self.lora_b,
             self.lora_merge_equation,
             self.lora_scale,
+            dtype=dtype,
         )
+        return merged
+
+    # `model.quantize` after `enable_lora`: the frozen base is quantized by
+    # Keras's own code and the factors stay float32.
+    def quantize(self, mode=None, type_check=True, config=None):
+        quantized.check_mode(mode, self.name)
+        self._lora_base.quantize(self, mode, type_check=False, config=config)
 
     def lora_config(self):
         """The LoRA hyper-parameters, as `get_config` records them."""
@@ -186,11 +256,17 @@ class LoRALayer:
         super().save_own_variables(store)
         store["lora_a"] = self.lora_a
         store["lora_b"] = self.lora_b
+        for name, adapter in (self._lora_extra or {}).items():
+            store[f"lora_a_{name}"] = adapter.a
+            store[f"lora_b_{name}"] = adapter.b
 
     def load_own_variables(self, store):
         super().load_own_variables(store)
         self.lora_a.assign(store["lora_a"])
         self.lora_b.assign(store["lora_b"])
+        for name, adapter in (self._lora_extra or {}).items():
+            adapter.a.assign(store[f"lora_a_{name}"])
+            adapter.b.assign(store[f"lora_b_{name}"])
 
     # In-place conversion, used by `enable_lora` and `merge_lora`.
     @classmethod
@@ -240,6 +316,13 @@ class LoRALayer:
             layer.__class__ = base_class
             raise
         layer._lora_base_class = base_class
+        # Keras binds `quantize` per instance when the layer is created (to
+        # the base class's method, which refuses subclasses): route it
+        # through `LoRALayer.quantize` so `model.quantize` reaches the base.
+        keras_quantize = layer.__dict__.get("quantize")
+        if keras_quantize is not None:
+            layer._lora_keras_quantize = keras_quantize
+            layer.__dict__["quantize"] = _quantize_through(layer, keras_quantize)
         return layer
 
     def _lora_base_class_of(self):
@@ -253,11 +336,26 @@ class LoRALayer:
             merge: if True, W is replaced by W + s·ΔW first; if False, the
                 update is dropped and the base kernel is left as it is.
         """
-        if merge:
+        base_class = self._lora_base_class_of()
+        if merge and self.quantization_mode is None:
             kernel = self.lora_base_kernel
             kernel.assign(self.merged_kernel())
-        base_class = self._lora_base_class_of()
+        elif merge:
+            # dequant(W) + s·A·B in float32, re-quantized by Keras's own
+            # quantizer (same mode and block size) into the same variables:
+            # the model stays as small as it was.
+            twin = quantized.twin(
+                self, base_class, self.merged_kernel(), self.quantization_mode
+            )
+            quantized.assign_from(self, twin)
+        if "_lora_keras_quantize" in self.__dict__:
+            self.__dict__["quantize"] = self._lora_keras_quantize
         # Untrack the factors so that `weights` is what it was before.
+        for adapter in (self._lora_extra or {}).values():
+            for variable in (adapter.a, adapter.b):
+                self._untrack_variable(variable)
+            if adapter.seed_generator is not None:
+                self._seed_generators.remove(adapter.seed_generator)
         for name in ("lora_a", "lora_b"):
             self._untrack_variable(getattr(self, name))
             object.__delattr__(self, name)
@@ -268,3 +366,15 @@ class LoRALayer:
             self.__dict__.pop(name, None)
         self.__class__ = base_class
         return self
+
+
+def _quantize_through(layer, keras_quantize):
+    """`layer.quantize` for an adapted layer: checks the mode, then Keras's."""
+
+    def quantize(mode=None, type_check=True, config=None, **kwargs):
+        quantized.check_mode(
+            mode or getattr(config, "mode", None) or config, layer.name
+        )
+        return keras_quantize(mode=mode, config=config, type_check=False, **kwargs)
+
+    return quantize

@@ -61,7 +61,7 @@ def lora_scale(rank, alpha, use_rslora):
     return alpha / math.sqrt(rank) if use_rslora else alpha / rank
 
 
-def merged_kernel(kernel, lora_a, lora_b, merge_equation, scale):
+def merged_kernel(kernel, lora_a, lora_b, merge_equation, scale, dtype=None):
     """Returns W + s·ΔW, computed in float32 and cast to the kernel's dtype.
 
     Args:
@@ -71,12 +71,14 @@ def merged_kernel(kernel, lora_a, lora_b, merge_equation, scale):
         merge_equation: an einsum equation `"A,B->kernel"` that contracts the
             rank axis and lays ΔW out exactly like the kernel.
         scale: the float s.
+        dtype: the result's dtype (default: the kernel's). `"float32"` keeps
+            an update that rounding to a bf16 kernel would partly lose.
 
     Returns:
-        A tensor of the kernel's shape and dtype.
+        A tensor of the kernel's shape, in `dtype` or the kernel's dtype.
     """
     delta = ops.einsum(
         merge_equation, ops.cast(lora_a, "float32"), ops.cast(lora_b, "float32")
     )
     merged = ops.add(ops.cast(kernel, "float32"), ops.multiply(delta, scale))
-    return ops.cast(merged, kernel.dtype)
+    return ops.cast(merged, dtype or kernel.dtype)
