@@ -1,16 +1,17 @@
 """Writing a PEFT adapter folder: fused modules, `adapter_config.json`, files."""
 
 import collections
+import contextlib
 import json
 import math
 import os
 import secrets
 import shutil
-import stat
 
 import keras
 import numpy as np
 
+from keras_lora import io_utils
 from keras_lora import targets as targets_lib
 from keras_lora.interop import architectures, factors, safetensors_io
 from keras_lora.interop.peft_config import CONFIG_FILE, WEIGHTS_FILE
@@ -174,14 +175,25 @@ def write_folder(path, config, tensors):
         WEIGHTS_FILE: lambda file: safetensors_io.write(file, tensors),
     }
     if os.path.isdir(real):
-        _replace_files(real, contents)
+        # Each file is written in full beside its final name; only when both
+        # are does either replace the old one (the stack exits in reverse).
+        with contextlib.ExitStack() as stack:
+            for name, write in contents.items():
+                file = os.path.join(real, name)
+                write(stack.enter_context(io_utils.atomic_write(file)))
         return path
     parent = os.path.dirname(real)
     os.makedirs(parent, exist_ok=True)
-    temporary = _unique_name(parent, os.path.basename(real))
-    # `os.mkdir` (not `tempfile.mkdtemp`, which makes it 0700): the folder
-    # gets the mode `os.makedirs` would give it under the umask.
-    os.mkdir(temporary)
+    temporary = os.path.join(
+        parent, f".{os.path.basename(real)}.{secrets.token_hex(6)}.tmp"
+    )
+    try:
+        # `os.mkdir` (not `tempfile.mkdtemp`, which makes it 0700): the folder
+        # gets the mode `os.makedirs` would give it under the umask.
+        os.mkdir(temporary)
+    except OSError as error:
+        # Name the requested path, not the hidden temporary one.
+        raise type(error)(error.errno, error.strerror, path) from None
     try:
         for name, write in contents.items():
             write(os.path.join(temporary, name))
@@ -190,32 +202,6 @@ def write_folder(path, config, tensors):
         if os.path.exists(temporary):
             shutil.rmtree(temporary, ignore_errors=True)
     return path
-
-
-def _replace_files(folder, contents):
-    """Writes each file beside its final (symlink-resolved) name, then moves
-    them all into place."""
-    staged = []
-    try:
-        for name, write in contents.items():
-            target = os.path.realpath(os.path.join(folder, name))
-            temporary = _unique_name(os.path.dirname(target), name)
-            # Created empty first, with O_EXCL, so that it is never another's.
-            os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-            staged.append((temporary, target))
-            write(temporary)
-            if os.path.exists(target):
-                os.chmod(temporary, stat.S_IMODE(os.stat(target).st_mode))
-        for temporary, target in staged:
-            os.replace(temporary, target)
-    finally:
-        for temporary, _ in staged:
-            if os.path.exists(temporary):
-                os.remove(temporary)
-
-
-def _unique_name(folder, name):
-    return os.path.join(folder, f".{name}.{secrets.token_hex(6)}.tmp")
 
 
 def _write_json(file, config):
