@@ -16,6 +16,9 @@ the sea text; LoRA then adapts it to the lighthouse log (what
 `keras-lora demo` does, in fewer lines and with raw strings through the
 model's own preprocessor).
 
+Files go to `--out` (default `./gpt2-lora/`; with `--smoke`, a temporary
+folder that is removed at the end).
+
     python examples/gpt2_causal_lm.py
     python examples/gpt2_causal_lm.py --smoke
     KERAS_BACKEND=tensorflow python examples/gpt2_causal_lm.py --preset ./my_gpt2_preset
@@ -26,11 +29,17 @@ import os
 import re
 import tempfile
 
-import keras
-import numpy as np
+from keras_lora.quiet import quiet_third_party_logs
 
-import keras_lora
-from keras_lora import demo_data
+quiet_third_party_logs()  # an application: before KerasHub imports TensorFlow
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+import keras_lora  # noqa: E402
+from keras_lora import demo_data  # noqa: E402
+
+OUT = "gpt2-lora"
 
 
 def small_gpt2(sequence_length):
@@ -85,7 +94,11 @@ def parse_args(argv=None):
     parser.add_argument("--sequence-length", type=int, default=48)
     parser.add_argument("--prompt", default="Monday. Wind")
     parser.add_argument("--max-length", type=int, default=32)
-    parser.add_argument("--out", default=None, help="output folder (default: temp)")
+    parser.add_argument(
+        "--out",
+        help=f"output folder (default: ./{OUT}; with --smoke, a temporary "
+        "folder removed at the end)",
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny run (tests)")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -95,7 +108,11 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    out = args.out or tempfile.mkdtemp(prefix="gpt2-lora-")
+    with tempfile.TemporaryDirectory(prefix=f"{OUT}-") as temporary:
+        return run(args, args.out or (temporary if args.smoke else OUT))
+
+
+def run(args, out):
     os.makedirs(out, exist_ok=True)
     keras.utils.set_random_seed(0)
     print(f"backend: {keras.backend.backend()}")
@@ -114,6 +131,7 @@ def main(argv=None):
             examples(demo_data.BASE_TEXT, "sentences", repeat=4),
             epochs=args.pretrain_epochs,
             batch_size=8,
+            shuffle=False,  # KerasHub feeds tf.data, which ignores it (warning)
             verbose=0,
         )
     model.compile(sampler="greedy")
@@ -128,13 +146,17 @@ def main(argv=None):
     )
     merged_path = os.path.join(out, "gpt2-lora-merged.keras")
     model.compile(optimizer=keras.optimizers.Adam(1e-2), sampler="greedy")
-    history = model.fit(
-        examples(demo_data.TARGET_TEXT, "lines", repeat=8),  # raw strings
+    lines = examples(demo_data.TARGET_TEXT, "lines", repeat=1)
+    loss_before = _loss(model, lines)  # the base model's: LoRA starts at ΔW = 0
+    model.fit(
+        lines * 8,  # raw strings, each line 8 times per epoch
         epochs=args.epochs,
         batch_size=8,
+        shuffle=False,  # as above
         verbose=0 if args.smoke else 2,
         callbacks=[keras_lora.MergeLoRA(merged_path)],  # export when fit ends
     )
+    loss_after = _loss(model, lines)
     after = model.generate(args.prompt, max_length=args.max_length)
     adapter_path = keras_lora.save_adapter(model, os.path.join(out, "adapter.keras"))
 
@@ -149,8 +171,11 @@ def main(argv=None):
         - keras.ops.convert_to_numpy(merged(probe))
     ).max()
 
-    loss = history.history["loss"]
-    print(f"LoRA loss: {loss[0]:.3f} -> {loss[-1]:.3f} over {len(loss)} epochs")
+    epochs = f"{args.epochs} epoch{'' if args.epochs == 1 else 's'}"
+    print(
+        f"loss on {demo_data.TARGET_TEXT} (evaluate): {loss_before:.3f} before "
+        f"LoRA, {loss_after:.3f} after {epochs}"
+    )
     print(f"before LoRA:      {_one_line(before)}")
     print(f"after LoRA:       {_one_line(after)}")
     print(f"merged, reloaded: {_one_line(reloaded)}  (max |diff| {diff:.1e})")
@@ -159,12 +184,17 @@ def main(argv=None):
         f"merged {merged_path}: {os.path.getsize(merged_path) / 1024:.0f} KB"
     )
     return {
-        "loss": loss,
+        "loss_before": loss_before,
+        "loss_after": loss_after,
         "before": before,
         "after": after,
         "reloaded": reloaded,
         "max_abs_diff": float(diff),
     }
+
+
+def _loss(model, texts):
+    return model.evaluate(texts, batch_size=8, verbose=0, return_dict=True)["loss"]
 
 
 def _one_line(text):

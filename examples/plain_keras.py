@@ -11,6 +11,9 @@ two ways:
    (in place: no rebuilding), then `save_adapter`, `merge_lora` and a plain
    `.keras` file.
 
+Files go to `--out` (default `./plain-keras-lora/`; with `--smoke`, a
+temporary folder that is removed at the end).
+
     python examples/plain_keras.py
     python examples/plain_keras.py --smoke
     KERAS_BACKEND=jax python examples/plain_keras.py
@@ -20,12 +23,17 @@ import argparse
 import os
 import tempfile
 
-import keras
-import numpy as np
+from keras_lora.quiet import quiet_third_party_logs
 
-import keras_lora
+quiet_third_party_logs()  # an application: before Keras imports TensorFlow
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+import keras_lora  # noqa: E402
 
 FEATURES, HIDDEN = 16, 64
+OUT = "plain-keras-lora"
 
 
 def make_task(n, weights, seed):
@@ -61,7 +69,11 @@ def parse_args(argv=None):
     parser.add_argument("--samples", type=int, default=2048)
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--rank", type=int, default=4)
-    parser.add_argument("--out", default=None, help="output folder (default: temp)")
+    parser.add_argument(
+        "--out",
+        help=f"output folder (default: ./{OUT}; with --smoke, a temporary "
+        "folder removed at the end)",
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny run (tests)")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -71,7 +83,11 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    out = args.out or tempfile.mkdtemp(prefix="plain-keras-lora-")
+    with tempfile.TemporaryDirectory(prefix=f"{OUT}-") as temporary:
+        return run(args, args.out or (temporary if args.smoke else OUT))
+
+
+def run(args, out):
     os.makedirs(out, exist_ok=True)
     keras.utils.set_random_seed(0)
     rng = np.random.default_rng(0)

@@ -12,7 +12,9 @@ trains two `BertTextClassifier`s from the same pretrained weights:
 - full fine-tuning: every weight trains.
 
 It prints both test accuracies, trainable parameter counts and times, and
-writes the LoRA adapter and the merged LoRA model to `--out`.
+writes the LoRA adapter and the merged LoRA model to `--out` (default
+`./minilm-lora/`; with `--smoke`, a temporary folder that is removed at the
+end).
 
     python examples/text_classification_minilm.py            # a few minutes on CPU
     python examples/text_classification_minilm.py --smoke    # seconds: a run-through
@@ -22,9 +24,14 @@ writes the LoRA adapter and the merged LoRA model to `--out`.
 import argparse
 import os
 import random
+import tempfile
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never try the Hugging Face Hub
+
+from keras_lora.quiet import quiet_third_party_logs  # noqa: E402
+
+quiet_third_party_logs()  # an application: before KerasHub imports TensorFlow
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -50,6 +57,7 @@ NEGATIVE = [
     "was overpriced", "felt cold and rude", "was a mess", "was dreadful",
 ]  # fmt: skip
 PREFIXES = ["", "Honestly, ", "I have to say ", "Well, "]
+OUT = "minilm-lora"
 
 
 def minilm_dir():
@@ -139,7 +147,11 @@ def parse_args(argv=None):
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--lora-learning-rate", type=float, default=2e-3)
     parser.add_argument("--full-learning-rate", type=float, default=5e-5)
-    parser.add_argument("--out", default="minilm-lora", help="output folder")
+    parser.add_argument(
+        "--out",
+        help=f"output folder (default: ./{OUT}; with --smoke, a temporary "
+        "folder removed at the end)",
+    )
     parser.add_argument("--verbose", type=int, default=2, help="fit's verbose")
     parser.add_argument(
         "--smoke",
@@ -155,6 +167,12 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix=f"{OUT}-") as temporary:
+        return run(args, args.out or (temporary if args.smoke else OUT))
+
+
+def run(args, out):
+    os.makedirs(out, exist_ok=True)
     model_dir = minilm_dir()
     keras.utils.set_random_seed(0)
     train, test = build_dataset(args.train_size, args.test_size)
@@ -164,7 +182,7 @@ def main(argv=None):
     print("\n== LoRA: query/value factors + classification head ==")
     lora_model = build_classifier(model_dir, args.sequence_length)
     keras_lora.enable_lora(lora_model, rank=args.rank, train_layers=["logits"])
-    keras_lora.print_trainable_parameters(lora_model, print_fn=_first_line(print))
+    keras_lora.print_trainable_parameters(lora_model)
     lora_trainable, total, _ = keras_lora.trainable_summary(lora_model)
     lora_acc, lora_s, _ = train_and_test(
         lora_model, train, test, args, args.lora_learning_rate
@@ -178,12 +196,11 @@ def main(argv=None):
         full_model, train, test, args, args.full_learning_rate
     )
 
-    os.makedirs(args.out, exist_ok=True)
     adapter = keras_lora.save_adapter(
-        lora_model, os.path.join(args.out, "minilm-sentiment.adapter.keras")
+        lora_model, os.path.join(out, "minilm-sentiment.adapter.keras")
     )
     merged = keras_lora.export_merged(
-        lora_model, os.path.join(args.out, "minilm-sentiment.merged.keras")
+        lora_model, os.path.join(out, "minilm-sentiment.merged.keras")
     )
     print("\n| method | trainable params | test accuracy | train time |")
     print("|---|---|---|---|")
@@ -208,18 +225,6 @@ def main(argv=None):
         "adapter": adapter,
         "merged": merged,
     }
-
-
-def _first_line(print_fn):
-    """print_trainable_parameters prints one line per layer too: keep the first."""
-    lines = []
-
-    def keep(line):
-        if not lines:
-            print_fn(line)
-        lines.append(line)
-
-    return keep
 
 
 if __name__ == "__main__":

@@ -165,6 +165,12 @@ def test_train_layers_stay_trainable_and_summary_counts():
         f"trainable params: {expected:,} || all params: {total:,} || "
         f"trainable%: {100 * expected / total:.4f}"
     )
+    assert out.getvalue() == line + "\n"  # PEFT's line only, by default
+    out = io.StringIO()
+    keras_lora.print_trainable_parameters(
+        model, print_fn=lambda s: out.write(s + "\n"), verbose=True
+    )
+    assert out.getvalue().startswith(line + "\n")
     assert "hidden: rank 2" in out.getvalue()
     with pytest.raises(ValueError, match="both `targets` and `train_layers`"):
         keras_lora.enable_lora(

