@@ -69,7 +69,7 @@ def plot_spectrum(spectra, filepath, title=None):
     figure_class = _figure_class()
     if not spectra:
         raise ValueError("`spectra` must not be empty. Received: spectra={}")
-    figure = figure_class(figsize=(5.5, 3.6), layout="constrained")
+    figure = figure_class(figsize=(7, 3.8), layout="constrained")
     ax = figure.subplots()
     for label, values in spectra.items():
         values = np.asarray(values, dtype="float64")
@@ -78,8 +78,8 @@ def plot_spectrum(spectra, filepath, title=None):
     ax.set_xlabel("singular value index")
     ax.set_ylabel("σ / σ₁")
     ax.set_yscale("log")
-    if len(spectra) <= 12:
-        ax.legend(fontsize=7)
+    if len(spectra) <= 24:
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     if title:
         ax.set_title(title, fontsize=10)
     figure.savefig(filepath, dpi=120)
