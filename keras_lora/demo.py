@@ -1,16 +1,21 @@
-"""`keras-lora demo`: LoRA end to end on a small GPT-2, offline, in a few minutes.
+"""`keras-lora demo`: LoRA end to end on a small GPT-2, offline, in about a minute.
 
 1. Base model: a small KerasHub `GPT2CausalLM` built from a config, with a
    tokenizer learnt from the packaged texts, pre-trained (all weights) on
    `demo_base.txt`, plain prose about the sea; or a KerasHub preset
    (`--preset`), used as it is.
 2. `enable_lora` adapts it to `demo_target.txt`, a lighthouse keeper's log:
-   only the LoRA factors of the attention query/value projections train.
+   only LoRA factors train, on every Dense/EinsumDense layer by default
+   (`--targets all-linear`) or on the attention query/value projections
+   only (`--targets qv`, `enable_lora`'s own default); every base weight
+   stays frozen.
 3. It writes the adapter (`save_adapter`) and the merged model
    (`export_merged`), reloads the merged model with plain Keras, loads the
    adapter onto a fresh copy of the base, and checks that all three agree.
 
 Everything measured goes to `report.json` and `report.md` in the output folder.
+The demo is an application: importing it hides TensorFlow's C++ start-up logs
+(`keras_lora.quiet`), unless `TF_CPP_MIN_LOG_LEVEL` is set.
 """
 
 import contextlib
@@ -21,11 +26,15 @@ import time
 import warnings
 import zipfile
 
-import keras
-import numpy as np
+from keras_lora.quiet import quiet_third_party_logs
 
-import keras_lora
-from keras_lora import demo_data
+quiet_third_party_logs()  # before Keras, and KerasHub's TensorFlow, load
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+import keras_lora  # noqa: E402
+from keras_lora import demo_data  # noqa: E402
 
 DEFAULTS = dict(
     out="keras-lora-demo",
