@@ -156,8 +156,12 @@ def twin(layer, base_class, kernel, mode=None, policy=None):
             policy, e.g. `"float32"` for `"int8_from_float32"`).
 
     Returns:
-        The built twin. Its other variables (bias, untied reverse table) are
-        copied from `layer` when their layouts agree.
+        The built twin. Its other variables (bias, an untied reverse table)
+        are copied from `layer`.
+
+    Raises:
+        ValueError: if another variable has no float counterpart (the int8
+            reverse table of an untied quantized `ReversibleEmbedding`).
     """
     config = base_class.get_config(layer)
     config["dtype"] = policy or source_policy(layer)
@@ -168,19 +172,28 @@ def twin(layer, base_class, kernel, mode=None, policy=None):
     copy.build(**shapes)
     kernel_variable(copy).assign(ops.cast(kernel, kernel_variable(copy).dtype))
     own = {v.name: v for v in layer.weights}
-    stem = kernel_variable(copy).name
     for variable in copy.weights:
+        if variable.name in quantized_names(copy):
+            continue
         match = own.get(variable.name)
         if (
-            variable.name != stem
-            and match is not None
-            and tuple(match.shape) == tuple(variable.shape)
-            and match.dtype == variable.dtype
+            match is None
+            or tuple(match.shape) != tuple(variable.shape)
+            or not _is_float(match.dtype)
         ):
-            variable.assign(match)
+            raise ValueError(
+                f"Cannot write layer '{layer.path}' in another form: its "
+                f"variable '{variable.name}' has no float counterpart "
+                f"(found {match!r}). Export it with `quantize='same'`."
+            )
+        variable.assign(ops.cast(match, variable.dtype))
     if mode is not None:
         copy.quantize(mode, config=quantization_config(layer, mode))
     return copy
+
+
+def _is_float(dtype):
+    return "float" in keras.backend.standardize_dtype(dtype)
 
 
 def quantized_names(layer):
