@@ -33,6 +33,7 @@ def test_every_example_is_tested():
     assert scripts == [
         "all_backends",
         "gpt2_causal_lm",
+        "lora_subspace_analysis",  # tests/test_analysis_example.py
         "plain_keras",
         "text_classification_minilm",
     ]
