@@ -41,8 +41,9 @@ def add_arguments(parser):
     parser.add_argument(
         "--hub-class",
         default="Backbone",
-        help="keras_hub.models class that loads a preset --base, e.g. "
-        "TextClassifier for an adapter with a trained head (default: %(default)s)",
+        help="the keras_hub.models class whose from_preset loads a preset "
+        "--base (default: %(default)s); an adapter with a trained head needs the "
+        "task model: pass it as a .keras file",
     )
 
 
