@@ -48,7 +48,7 @@ def add_arguments(parser):
 
 
 def run(args):
-    from keras_lora.commands.common import existing_file, load_base, new_output
+    from keras_lora.commands.common import existing_file, new_output
 
     if os.path.isdir(args.source):
         if not args.destination.endswith(".keras"):
@@ -57,15 +57,7 @@ def run(args):
                 f"in '.keras'. Received: DST={args.destination!r}"
             )
         new_output(args.destination, [args.source, args.base], "DST")
-        from keras_lora.adapters import save_adapter
-        from keras_lora.interop import peft_reading
-
-        peft_reading.read_config(args.source)  # a clear error before loading
-        model = load_base(args.base, args.hub_class)
-        from keras_lora.interop import load_peft_adapter
-
-        load_peft_adapter(model, args.source)
-        save_adapter(model, args.destination)
+        _peft_to_adapter(args)
         kind = "keras-lora adapter file"
     else:
         existing_file(args.source, "SRC")
@@ -76,15 +68,31 @@ def run(args):
             )
         if os.path.isfile(args.destination):
             raise ValueError(
-                f"From an adapter file, DST must be a folder (PEFT's layout). "
+                "From an adapter file, DST must be a folder (PEFT's layout). "
                 f"Received: DST={args.destination!r}, an existing file"
             )
-        from keras_lora.adapters import load_adapter, read_adapter
-        from keras_lora.interop import save_peft_adapter
-
-        read_adapter(args.source)  # a clear error before loading the base
-        model = load_base(args.base, args.hub_class)
-        load_adapter(model, args.source)
-        save_peft_adapter(model, args.destination)
+        _adapter_to_peft(args)
         kind = "PEFT adapter folder"
     print(f"Converted {args.source} into the {kind} {args.destination}.")
+
+
+def _peft_to_adapter(args):
+    from keras_lora.adapters import save_adapter
+    from keras_lora.commands.common import load_base
+    from keras_lora.interop import load_peft_adapter, peft_reading
+
+    peft_reading.read_config(args.source)  # a clear error before loading the base
+    model = load_base(args.base, args.hub_class)
+    load_peft_adapter(model, args.source)
+    save_adapter(model, args.destination)
+
+
+def _adapter_to_peft(args):
+    from keras_lora.adapters import load_adapter, read_adapter
+    from keras_lora.commands.common import load_base
+    from keras_lora.interop import save_peft_adapter
+
+    read_adapter(args.source)  # a clear error before loading the base
+    model = load_base(args.base, args.hub_class)
+    load_adapter(model, args.source)
+    save_peft_adapter(model, args.destination)
