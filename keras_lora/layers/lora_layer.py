@@ -170,6 +170,16 @@ class LoRALayer(AdapterSet):
         dropout = current.dropout if current else self.dropout
         if not dropout or training is None or training is False:
             return x
+        if training is not True and keras.backend.backend() == "jax":
+            # The seed generator's state update would leak out of
+            # `jax.checkpoint` (Keras's own `Dropout` layer fails there too).
+            raise ValueError(
+                f"LoRA dropout cannot run in layer '{self.name}' under "
+                "`keras.RematScope` on JAX (modes 'full', 'list_of_layers' and "
+                "'larger_than'): use `dropout=0.0`, or "
+                "`RematScope(mode='activations')`. "
+                f"Received: dropout={dropout}"
+            )
         seed = current.seed_generator if current else self.lora_seed_generator
         dropped = keras.random.dropout(x, dropout, seed=seed)
         if training is True:
