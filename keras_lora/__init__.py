@@ -12,17 +12,24 @@ __all__ = [
     "LoRAEinsumDense",
     "LoRAEmbedding",
     "MergeLoRA",
+    "active_adapters",
+    "add_adapter",
+    "adapter_ids",
     "analysis",
+    "combine_adapters",
+    "delete_adapter",
     "disable_lora",
     "enable_lora",
     "export_merged",
     "load_adapter",
     "load_peft_adapter",
+    "list_adapters",
     "lora_layers",
     "merge_lora",
     "print_trainable_parameters",
     "save_adapter",
     "save_peft_adapter",
+    "set_adapter",
     "trainable_summary",
 ]
 
@@ -33,9 +40,18 @@ def _import_public_names():
     import keras_lora.analysis as analysis
     from keras_lora.adapters import load_adapter, save_adapter
     from keras_lora.callbacks import MergeLoRA
+    from keras_lora.combine import combine_adapters
     from keras_lora.export import export_merged
     from keras_lora.interop import load_peft_adapter, save_peft_adapter
     from keras_lora.layers import LoRADense, LoRAEinsumDense, LoRAEmbedding
+    from keras_lora.mixed_batch import adapter_ids
+    from keras_lora.named_adapters import (
+        active_adapters,
+        add_adapter,
+        delete_adapter,
+        list_adapters,
+        set_adapter,
+    )
     from keras_lora.report import print_trainable_parameters, trainable_summary
     from keras_lora.transform import disable_lora, enable_lora, lora_layers, merge_lora
 

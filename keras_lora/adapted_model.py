@@ -34,6 +34,8 @@ class AdaptedModel:
     _keras_lora_base = None  # the model's original class
 
     def get_config(self):
+        from keras_lora import named_adapters
+
         with as_class(self, self._keras_lora_base):
             inner = keras.saving.serialize_keras_object(self)
         # The outer object recompiles after LoRA is on: drop the inner copy.
@@ -42,6 +44,7 @@ class AdaptedModel:
             "model": inner,
             "lora": dict(self._keras_lora_spec),
             "trainable": dict(self._keras_lora_trainable_state),
+            "named": named_adapters.saved_config(self),
         }
 
     def get_build_config(self):
@@ -57,6 +60,7 @@ class AdaptedModel:
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
+        from keras_lora import named_adapters
         from keras_lora.spec import LEGACY_KEYS, check_spec, check_trainable_state
         from keras_lora.transform import apply_spec
 
@@ -75,8 +79,14 @@ class AdaptedModel:
         model = keras.saving.deserialize_keras_object(
             config["model"], custom_objects=custom_objects
         )
+        named = config.get("named")
+        if named is not None:
+            named = named_adapters.check_saved_config(named, "The saved model")
         # The weights are loaded after this: there are no base values yet.
-        return apply_spec(model, spec, trainable_state=state, keep_base_values=False)
+        model = apply_spec(model, spec, trainable_state=state, keep_base_values=False)
+        if named is not None:
+            named_adapters.restore_adapters(model, named)
+        return model
 
 
 # Registered under one name: every per-class subclass loads through the mixin.

@@ -27,8 +27,9 @@ import h5py
 import keras
 import numpy as np
 
-from keras_lora import transform
+from keras_lora import named_adapters, transform
 from keras_lora.io_utils import atomic_write, check_keras_path
+from keras_lora.layers.adapter_set import check_adapter_name
 from keras_lora.safe_files import MAX_JSON_BYTES, read_flat_dataset, read_member
 from keras_lora.spec import LAYER_KEYS, check_spec
 
@@ -43,35 +44,17 @@ _DTYPES = ("float32", "float64", "int8", "int16", "int32", "int64", "uint8")
 _H5_OVERHEAD = 64 * 1024
 
 
-def _adapter_variables(model):
-    """{key: variable} for everything `enable_lora` left trainable."""
-    spec = transform.lora_spec(model)
-    variables = {}
-    for layer in transform.lora_layers(model):
-        variables[f"{layer.path}/lora_a"] = layer.lora_a
-        variables[f"{layer.path}/lora_b"] = layer.lora_b
-    by_path = transform._layers_by_path(model)
-    for path in spec["train_layers"]:
-        # All of the layer's weights: a trained BatchNormalization's moving
-        # statistics belong to the adapter too.
-        for variable in by_path[path].weights:
-            key = f"train/{variable.path}"
-            if key in variables:
-                raise ValueError(
-                    f"Two trainable weights share the path '{variable.path}'; "
-                    "give the layers of `train_layers` distinct names."
-                )
-            variables[key] = variable
-    return variables
-
-
-def save_adapter(model, filepath):
-    """Writes the adapter of an adapted model to a small `.keras` file.
+def save_adapter(model, filepath, name=None):
+    """Writes one adapter of an adapted model to a small `.keras` file.
 
     Args:
-        model: a model adapted with `enable_lora` (or reloaded/loaded so).
+        model: a model adapted with `enable_lora` / `add_adapter` (or
+            reloaded or loaded so).
         filepath: destination, ending in `.keras`. Written atomically: a
             failure leaves no partial file and keeps an existing one.
+        name: which named adapter; None for the model's only adapter, or its
+            single active one. The file is the same format either way: it
+            loads onto a fresh base, or under any name.
 
     Example:
 
@@ -80,15 +63,13 @@ def save_adapter(model, filepath):
     >>> keras_lora.save_adapter(model, "task.adapter.keras")
     """
     filepath = check_keras_path(filepath)
-    spec = transform.lora_spec(model)
-    if spec is None:
-        raise ValueError(
-            f"Model '{getattr(model, 'name', model)}' is not adapted with LoRA: "
-            "call `keras_lora.enable_lora(model, ...)` first."
-        )
-    variables = _adapter_variables(model)
+    name, spec = named_adapters.adapter_spec(model, name)
+    entries = named_adapters.adapter_variables(model, name)
     packed, index = _pack(
-        {key: keras.ops.convert_to_numpy(v) for key, v in variables.items()}
+        {
+            key: keras.ops.convert_to_numpy(variable) if value is None else value
+            for key, (variable, value) in entries.items()
+        }
     )
     config = {"spec": _file_spec(spec), "weights": index}
     metadata = {
@@ -275,17 +256,21 @@ def _is_int(value):
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def load_adapter(model, filepath):
+def load_adapter(model, filepath, name=None):
     """Loads an adapter file onto a model of the same architecture.
 
-    A model without LoRA is adapted as the file records first; a model already
-    adapted must have the same adapted layers, ranks and scales. Every path and
-    shape is checked before anything is assigned: on a mismatch the model is
-    left exactly as it was.
+    A model without LoRA is adapted as the file records first. With `name`,
+    the file becomes a further named adapter of an adapted model (inactive:
+    `set_adapter` activates it), with its own targets and rank. Without it, an
+    adapted model must already have the file's layers, ranks and scales, and
+    the file's values replace those of its only (or single active) adapter.
+    Every path, shape and dtype is checked before anything is assigned: on a
+    mismatch the model is left exactly as it was.
 
     Args:
-        model: a built base model (fresh, or already adapted alike).
+        model: a built base model (fresh, or already adapted).
         filepath: an adapter file written by `save_adapter`.
+        name: None, or the name to load the adapter under.
 
     Returns:
         The same model, with the adapter's weights.
@@ -295,23 +280,46 @@ def load_adapter(model, filepath):
             bad path and both shapes).
     """
     transform.check_model(model)
+    if name is not None:
+        check_adapter_name(name)
     config = read_adapter_config(filepath)
     spec = config["spec"]
-    was_adapted = transform.lora_spec(model) is not None
+    known = named_adapters.list_adapters(model)
     optimizer = getattr(model, "optimizer", None)
-    if was_adapted:
-        _check_same_adaptation(model, spec, filepath)
-    else:
+    undo = None
+    if not known:
         transform.apply_spec(model, spec)
+        named_adapters._rename_first(model, name or "default")
+        target = name or "default"
+
+        def undo():
+            # The optimizer (and its state) goes back with the old variables.
+            transform.revert(model, merge=False, optimizer=optimizer)
+
+    elif name is None:
+        target, current = named_adapters.adapter_spec(model)
+        _check_same_adaptation(model, current, spec, filepath)
+    else:
+        if name in known:
+            raise ValueError(
+                f"Model '{model.name}' already has an adapter named {name!r}: "
+                "delete it first (`keras_lora.delete_adapter`) or pick another name."
+            )
+        named_adapters.add_spec(model, name, spec)
+        target = name
+
+        def undo():
+            named_adapters.delete_adapter(model, name)
+
     try:
-        variables = _adapter_variables(model)
+        entries = named_adapters.adapter_variables(model, target)
         for key in config["weights"]:
-            if key not in variables:
+            if key not in entries:
                 raise ValueError(
                     f"'{filepath}' has weights for '{key}', which model "
                     f"'{model.name}' does not have."
                 )
-            entry, variable = config["weights"][key], variables[key]
+            entry, variable = config["weights"][key], entries[key][0]
             if tuple(variable.shape) != tuple(entry["shape"]):
                 raise ValueError(
                     f"Shape mismatch for '{key}' in '{filepath}': the file has "
@@ -323,7 +331,7 @@ def load_adapter(model, filepath):
                     f"{entry['dtype']}, the model stores {variable.dtype} as "
                     f"{_stored_dtype(variable.dtype)}."
                 )
-        missing = sorted(set(variables) - set(config["weights"]))
+        missing = sorted(set(entries) - set(config["weights"]))
         if missing:
             raise ValueError(
                 f"'{filepath}' has no weights for '{missing[0]}' of model "
@@ -331,12 +339,10 @@ def load_adapter(model, filepath):
             )
         arrays = read_adapter_weights(filepath, config["weights"])
     except Exception:
-        if not was_adapted:
-            # The optimizer (and its state) goes back with the old variables.
-            transform.revert(model, merge=False, optimizer=optimizer)
+        if undo is not None:
+            undo()
         raise
-    for key, variable in variables.items():
-        variable.assign(arrays[key])
+    named_adapters.assign_adapter_values(model, target, entries, arrays)
     return model
 
 
@@ -372,14 +378,14 @@ def _pack(arrays):
     return packed, index
 
 
-def _check_same_adaptation(model, spec, filepath):
-    current = transform.lora_spec(model)["layers"]
+def _check_same_adaptation(model, current, spec, filepath):
     for path, layer_config in spec["layers"].items():
-        ours = current.get(path)
+        ours = current["layers"].get(path)
         if ours is None:
             raise ValueError(
                 f"'{filepath}' adapts layer '{path}', which is not adapted in "
-                f"model '{model.name}'. Load it onto a fresh base model instead."
+                f"model '{model.name}'. Load it onto a fresh base model, or "
+                "under a new name (`load_adapter(..., name=...)`)."
             )
         for field in ("rank", "alpha", "use_rslora"):
             # alpha=None means alpha=rank: the same scale.

@@ -14,7 +14,7 @@ import warnings
 import keras
 import numpy as np
 
-from keras_lora import adapted_model
+from keras_lora import adapted_model, distributed_torch
 from keras_lora import targets as targets_lib
 from keras_lora.layers import lora_math, quantized
 from keras_lora.layers.dense import LoRADense
@@ -25,11 +25,21 @@ from keras_lora.spec import SPEC_VERSION
 
 __all__ = ["SPEC_VERSION", "enable_lora", "merge_lora", "disable_lora"]
 
+# Compiled functions that depend on which adapters are active but not on the
+# trainable set (KerasHub's CausalLM compiles `generate_function`).
+INFERENCE_FUNCTIONS = ("predict_function", "test_function", "generate_function")
+
 # What `apply_spec` records on the model object, and `revert` removes.
 _MODEL_ATTRIBUTES = (
     "_keras_lora_spec",
     "_keras_lora_trainable_state",
     "_keras_lora_base_values",
+    "_keras_lora_adapters",
+    "_keras_lora_active",
+    "_keras_lora_heads",
+    "_keras_lora_functions",
+    "_keras_lora_function_key",
+    "_keras_lora_ids_variable",
 )
 
 
@@ -88,6 +98,26 @@ def enable_lora(
     >>> keras_lora.enable_lora(backbone, rank=8)
     >>> keras_lora.print_trainable_parameters(backbone)
     """
+    check_model(model)
+    if adapted_model.is_adapted(model):
+        raise ValueError(
+            f"Model '{model.name}' is already adapted with LoRA; call "
+            "`keras_lora.merge_lora(model)` before adapting it again, or add a "
+            "named adapter with `keras_lora.add_adapter`."
+        )
+    spec = build_spec(model, rank, alpha, targets, dropout, train_layers, use_rslora)
+    return apply_spec(model, spec)
+
+
+def build_spec(
+    model, rank, alpha, targets, dropout, train_layers, use_rslora, adapted_ok=False
+):
+    """Checks `enable_lora`'s arguments and returns the spec they describe.
+
+    Args:
+        adapted_ok: let `targets` select layers that already are LoRA layers
+            (a further named adapter goes beside their existing ones).
+    """
     rank = lora_math.check_rank(rank)
     lora_math.check_alpha(alpha, rank)
     dropout = lora_math.check_dropout(dropout)
@@ -95,14 +125,10 @@ def enable_lora(
         raise ValueError(
             f"`use_rslora` must be a bool. Received: use_rslora={use_rslora!r}"
         )
-    check_model(model)
-    if adapted_model.is_adapted(model):
-        raise ValueError(
-            f"Model '{model.name}' is already adapted with LoRA; call "
-            "`keras_lora.merge_lora(model)` before adapting it again."
-        )
     selected = targets_lib.match_layers(model, targets, "targets")
-    targets_lib.check_adaptable(selected)
+    targets_lib.check_adaptable(
+        [lyr for lyr in selected if not (adapted_ok and isinstance(lyr, LoRALayer))]
+    )
     trained = (
         targets_lib.match_layers(model, train_layers, "train_layers")
         if train_layers is not None
@@ -121,7 +147,7 @@ def enable_lora(
         "dropout": dropout,
         "use_rslora": use_rslora,
     }
-    spec = {
+    return {
         "version": SPEC_VERSION,
         "targets": targets
         if targets is None or isinstance(targets, str)
@@ -129,7 +155,6 @@ def enable_lora(
         "layers": {unique_path(lyr): dict(layer_config) for lyr in selected},
         "train_layers": [unique_path(lyr) for lyr in trained],
     }
-    return apply_spec(model, spec)
 
 
 def apply_spec(model, spec, trainable_state=None, keep_base_values=True):
@@ -166,12 +191,12 @@ def apply_spec(model, spec, trainable_state=None, keep_base_values=True):
         {
             v.path: keras.ops.convert_to_numpy(v)
             for layer in trained_layers
-            for v in layer.weights
+            for v in head_weights(layer)
         }
         if keep_base_values
         else None
     )
-    model.trainable = True  # layer flags; variables are frozen one by one below
+    set_trainable(model, True)  # layer flags; variables are frozen one by one below
     converted = []
     try:
         for path, config in spec["layers"].items():
@@ -190,6 +215,8 @@ def apply_spec(model, spec, trainable_state=None, keep_base_values=True):
             layer.unadapt(merge=False)
         _restore_trainable(model, trainable_state)
         raise
+    for path in spec["layers"]:
+        by_path[path]._lora_set("_lora_primary", "default")  # named_adapters.py
     _freeze_all_but(model, lora_layers(model), trained_layers)
     # A tied int8 logits table would otherwise give the layers below it no
     # gradient (keras_lora/layers/quantized.py).
@@ -199,27 +226,44 @@ def apply_spec(model, spec, trainable_state=None, keep_base_values=True):
     object.__setattr__(model, "_keras_lora_spec", spec)
     object.__setattr__(model, "_keras_lora_trainable_state", trainable_state)
     object.__setattr__(model, "_keras_lora_base_values", base_values)
+    # Named adapters (named_adapters.py): this spec is the first one.
+    object.__setattr__(model, "_keras_lora_adapters", {"default": spec})
+    object.__setattr__(model, "_keras_lora_active", None)
+    object.__setattr__(model, "_keras_lora_heads", {"owner": {}, "stored": {}})
+    object.__setattr__(model, "_keras_lora_functions", {})
+    for path in spec["train_layers"]:
+        model._keras_lora_heads["owner"][path] = "default"
     _reset_compiled_functions(model, optimizer)
     return model
 
 
-def _freeze_all_but(model, adapted, trained):
+def _freeze_all_but(model, adapted, trained, factors=None):
     """Leaves only the factors and the `trained` layers' weights trainable.
 
     Layers with nothing left to train get `trainable=False` (Keras's transfer
     learning convention: a frozen BatchNormalization then runs in inference
     mode and keeps its statistics); layers that hold a LoRA layer or a trained
     layer stay trainable, and their other variables are frozen one by one.
+
+    Args:
+        factors: the factor variables that train (default: the primary
+            factors of `adapted`; named adapters pass the active ones).
     """
     keep = _with_relatives(model, [*adapted, *trained])
-    for layer in targets_lib.sublayers(model):
+    for layer in targets_lib.sublayers(model):  # parents before children
         # A layer without weights (an InputLayer) has nothing to freeze.
-        if id(layer) not in keep and layer.trainable and layer.weights:
-            layer.trainable = False
-    # `model.trainable = True` ran first, so a trained layer's variables are
+        if not layer.weights:
+            continue
+        if id(layer) not in keep and layer.trainable:
+            set_trainable(layer, False)
+        elif id(layer) in keep and not layer.trainable:
+            set_trainable(layer, True)  # frozen for an earlier active set
+    # `set_trainable(model, True)` ran first, so a trained layer's variables are
     # trainable as its own layer made them (BatchNorm statistics are not).
-    trained_ids = {id(v) for layer in trained for v in layer.weights}
-    factors = {id(v) for lyr in adapted for v in (lyr.lora_a, lyr.lora_b)}
+    trained_ids = {id(v) for layer in trained for v in head_weights(layer)}
+    if factors is None:
+        factors = [v for lyr in adapted for v in (lyr.lora_a, lyr.lora_b)]
+    factors = {id(v) for v in factors}
     for variable in model.weights:
         variable.trainable = id(variable) in factors or (
             id(variable) in trained_ids and variable.trainable
@@ -283,7 +327,7 @@ def revert(model, merge, optimizer=None):
         state = model._keras_lora_trainable_state
         model.__class__ = adapted_model.original_class(model)
         for name in _MODEL_ATTRIBUTES:
-            object.__delattr__(model, name)
+            model.__dict__.pop(name, None)
         _restore_trainable(model, state)
     else:
         for variable in model.weights:
@@ -316,15 +360,18 @@ def disable_lora(model):
     if not layers:
         raise ValueError(f"Model '{model.name}' has no LoRA layer to disable.")
     swaps = [
-        (layer.lora_b, np.zeros(layer.lora_b.shape, "float32")) for layer in layers
+        (adapter.b, np.zeros(adapter.b.shape, "float32"))
+        for layer in layers
+        for adapter in map(layer.lora_adapter, layer.lora_adapter_names)
     ]
-    spec = lora_spec(model)
-    if spec is not None and spec["train_layers"]:
+    heads = getattr(model, "_keras_lora_heads", {"owner": {}})["owner"]
+    owned = [path for path, owner in heads.items() if owner is not None]
+    if owned:
         base_values = model._keras_lora_base_values
         if base_values is None:
             warnings.warn(
                 f"disable_lora: model '{model.name}' was reloaded, so the base "
-                f"values of its trained layers {spec['train_layers']} are not "
+                f"values of its trained layers {owned} are not "
                 "known; they keep their trained values inside the context.",
                 stacklevel=3,
             )
@@ -332,8 +379,8 @@ def disable_lora(model):
             by_path = _layers_by_path(model)
             swaps += [
                 (variable, base_values[variable.path])
-                for path in spec["train_layers"]
-                for variable in by_path[path].weights
+                for path in owned
+                for variable in head_weights(by_path[path])
             ]
     saved = [keras.ops.convert_to_numpy(variable) for variable, _ in swaps]
     for variable, value in swaps:
@@ -343,6 +390,19 @@ def disable_lora(model):
     finally:
         for (variable, _), value in zip(swaps, saved):
             variable.assign(value)
+
+
+def head_weights(layer):
+    """A trained layer's own weights: without the LoRA factors that other
+    named adapters may have put on it."""
+    if not isinstance(layer, LoRALayer):
+        return list(layer.weights)
+    factors = {
+        id(v)
+        for name in layer.lora_adapter_names
+        for v in (layer.lora_adapter(name).a, layer.lora_adapter(name).b)
+    }
+    return [v for v in layer.weights if id(v) not in factors]
 
 
 def lora_layers(model):
@@ -396,6 +456,18 @@ def _path_checker(model):
     return unique_path
 
 
+def set_trainable(layer, value):
+    """`layer.trainable = value`, recursing into sublayers on every backend.
+
+    Keras's setter recurses by assigning `sublayer.trainable = value`, which
+    TensorFlow's `__setattr__` skips when the sublayer already has that value,
+    so a trainable sublayer's frozen variables would stay frozen: call Keras's
+    setter itself on every layer.
+    """
+    for sublayer in layer._flatten_layers(include_self=True):
+        type(sublayer).trainable.fset(sublayer, value)
+
+
 def _trainable_state(model):
     """The model's own trainable flags, as JSON, for `_restore_trainable`."""
     return {
@@ -413,12 +485,12 @@ def _restore_trainable(model, state):
     """Gives the model back the flags `_trainable_state` recorded."""
     frozen_layers = set(state["frozen_layers"])
     frozen_variables = set(state["frozen_variables"])
-    model.trainable = state["model"]
+    set_trainable(model, state["model"])
     # Parents come before their children here, and the `trainable` setter
     # recurses, so each child's own flag is set after its parent's.
     for layer in targets_lib.sublayers(model):
         if layer.path:  # an InputLayer has none: its parent's flag it keeps
-            layer.trainable = layer.path not in frozen_layers
+            set_trainable(layer, layer.path not in frozen_layers)
     for variable in model.weights:
         variable.trainable = variable.path not in frozen_variables
 
@@ -457,9 +529,21 @@ def _reset_compiled_functions(model, optimizer=None):
     A built optimizer is replaced by `optimizer`, its unbuilt copy (see
     `_fresh_optimizer`); the user's loss and metric objects stay as they are.
     """
-    for name in ("train_function", "test_function", "predict_function"):
+    for name in ("train_function", *INFERENCE_FUNCTIONS):
         if getattr(model, name, None) is not None:
             setattr(model, name, None)
+    accept_trainable_change(model, optimizer)
+
+
+def accept_trainable_change(model, optimizer):
+    """After the trainable set changed: a fresh optimizer, no stale train step.
+
+    Args:
+        optimizer: the unbuilt copy from `_fresh_optimizer` (None: keep).
+    """
+    if getattr(model, "train_function", None) is not None:
+        model.train_function = None
+    distributed_torch.track_torch_parameters(model)  # model.parameters() for DDP
     if optimizer is not None:
         model.optimizer = optimizer
     if getattr(model, "compiled", False) and hasattr(

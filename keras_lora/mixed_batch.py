@@ -1,0 +1,118 @@
+"""`adapter_ids`: a different adapter for each example of one batch (serving).
+
+Multi-tenant LoRA servers (Punica, S-LoRA, LoRAX) run requests for different
+adapters through one base in one batch: example i's low-rank path uses its own
+gathered factors (`AdapterSet._lora_mixed_delta`), so the cost is one rank-r
+path per example whatever the number of adapters. The ids live in an int32
+variable of the model: a compiled `predict` or KerasHub `generate` reads them
+as state, so new ids of the same batch size need no retrace.
+"""
+
+import contextlib
+
+import numpy as np
+
+from keras_lora import named_adapters, transform
+
+_VARIABLE = "_keras_lora_ids_variable"
+
+
+@contextlib.contextmanager
+def adapter_ids(model, ids):
+    """Runs each example of a batch with its own adapter.
+
+    Args:
+        model: a model with named adapters (`add_adapter`, `load_adapter(...,
+            name=...)`); their trained heads, if any, cannot differ per
+            example, so adapters with `train_layers` are refused.
+        ids: one entry per example of the batch: an adapter name, or None for
+            the base model. Every call inside the block must use a batch of
+            exactly `len(ids)` examples, in this order.
+
+    Example:
+
+    >>> with keras_lora.adapter_ids(model, ["french", "legal", None, "french"]):
+    ...     logits = model.predict(x, batch_size=4)
+    ...     texts = causal_lm.generate(prompts)   # 4 prompts
+    """
+    names = named_adapters.list_adapters(model)
+    if not names:
+        raise ValueError(f"Model '{model.name}' has no adapter.")
+    if isinstance(ids, str) or not hasattr(ids, "__len__") or not len(ids):
+        raise ValueError(
+            "`ids` must be a non-empty list with one adapter name (or None) per "
+            f"example. Received: ids={ids!r}"
+        )
+    ids = list(ids)
+    for entry in ids:
+        if entry is not None and entry not in names:
+            raise ValueError(
+                f"`ids` names {entry!r}, which is not an adapter of model "
+                f"'{model.name}'. Its adapters: {names}"
+            )
+    heads = sorted(
+        {
+            n
+            for n in ids
+            if n is not None and model._keras_lora_adapters[n]["train_layers"]
+        }
+    )
+    if heads:
+        raise ValueError(
+            f"Adapters {heads} train heads (`train_layers`), which cannot differ "
+            "per example: run their examples as separate batches."
+        )
+    index = np.array(
+        [len(names) if n is None else names.index(n) for n in ids], "int32"
+    )
+    variable = _ids_variable(model, len(ids))
+    variable.assign(index)
+    layers = transform.lora_layers(model)
+    saved = [(layer._lora_active, layer._lora_example_ids) for layer in layers]
+    outside = getattr(model, "_keras_lora_function_key", None) or "outside"
+    inside = ("ids", len(ids), tuple(names))
+    for layer in layers:
+        layer._lora_set(
+            "_lora_active", tuple((n, 1.0) for n in layer.lora_adapter_names)
+        )
+        layer._lora_set("_lora_example_ids", variable)
+        layer._lora_set("_lora_example_names", tuple(names))
+    named_adapters.swap_functions(model, outside, inside)
+    try:
+        yield model
+    finally:
+        for layer, (active, example_ids) in zip(layers, saved):
+            layer._lora_set("_lora_active", active)
+            layer._lora_set("_lora_example_ids", example_ids)
+        _untrack(model, variable)
+        named_adapters.swap_functions(model, inside, outside)
+
+
+def _ids_variable(model, size):
+    """The model's int32 ids variable of `size` entries, tracked by the model."""
+    variable = model.__dict__.get(_VARIABLE)
+    if variable is None or variable.shape[0] != size:
+        locked = model._tracker.locked
+        model._tracker.unlock()
+        try:
+            variable = model.add_weight(
+                name="keras_lora_adapter_ids",
+                shape=(size,),
+                dtype="int32",
+                initializer="zeros",
+                trainable=False,
+            )
+        finally:
+            if locked:
+                model._tracker.lock()
+        _untrack(model, variable)
+        object.__setattr__(model, _VARIABLE, variable)
+    # Tracked only inside the block: a model saved outside it has no such
+    # variable. JAX's compiled functions take it as state while tracked.
+    model._track_variable(variable)
+    return variable
+
+
+def _untrack(model, variable):
+    if any(v is variable for v in model._non_trainable_variables):
+        model._untrack_variable(variable)
