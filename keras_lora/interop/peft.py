@@ -16,7 +16,7 @@ import os
 
 import keras
 
-from keras_lora import adapted_model, transform
+from keras_lora import adapted_model, named_adapters, transform
 from keras_lora import targets as targets_lib
 from keras_lora.interop import (
     architectures,
@@ -25,9 +25,10 @@ from keras_lora.interop import (
     peft_reading,
     peft_writing,
 )
+from keras_lora.layers.adapter_set import check_adapter_name
 
 
-def load_peft_adapter(model, path):
+def load_peft_adapter(model, path, name=None):
     """Applies a Hugging Face PEFT LoRA adapter to a KerasHub model, in place.
 
     The model must come from the same transformers architecture and
@@ -49,6 +50,9 @@ def load_peft_adapter(model, path):
             `architectures.py`) without LoRA layers.
         path: a folder with `adapter_config.json` and
             `adapter_model.safetensors`.
+        name: None, or a name to load the adapter under: onto a model with
+            named adapters it is added beside them, inactive (activate it
+            with `keras_lora.set_adapter`).
 
     Returns:
         The same model object, adapted.
@@ -65,7 +69,15 @@ def load_peft_adapter(model, path):
     >>> keras_lora.load_peft_adapter(backbone, "./my-peft-adapter")
     """
     context = _resolve(model)
-    if transform.lora_layers(model) or adapted_model.is_adapted(model):
+    adapter_name = name  # `name` names modules below
+    if name is not None:
+        check_adapter_name(name)
+        if name in named_adapters.list_adapters(model):
+            raise ValueError(
+                f"Model '{model.name}' already has an adapter named {name!r}."
+            )
+    beside = name is not None and bool(named_adapters.list_adapters(model))
+    if not beside and (transform.lora_layers(model) or adapted_model.is_adapted(model)):
         raise ValueError(
             f"Model '{model.name}' already has LoRA layers; call "
             "`keras_lora.merge_lora(model)` before loading a PEFT adapter."
@@ -129,24 +141,49 @@ def load_peft_adapter(model, path):
         for layer, _ in trained
         for variable in layer.weights
     ]
+    if beside:
+        return _load_beside(model, adapter_name, spec, plan, trained)
     transform.apply_spec(model, spec)
     try:
         for layer, _, a, b in plan.values():
             layer.lora_a.assign(a)
             layer.lora_b.assign(b)
         for layer, values in trained:
-            for name, value in values.items():
-                getattr(layer, name).assign(value)  # cast to its dtype
+            for attribute, value in values.items():
+                getattr(layer, attribute).assign(value)  # cast to its dtype
     except BaseException:  # an interrupt too: all or nothing
         for variable, value in previous:
             variable.assign(value)
         # The optimizer (and its state) goes back with the old variables.
         transform.revert(model, merge=False, optimizer=optimizer)
         raise
+    if adapter_name is not None:
+        named_adapters._rename_first(model, adapter_name)
     return model
 
 
-def save_peft_adapter(model, path, module_prefix=None):
+def _load_beside(model, name, spec, plan, trained):
+    """Adds the planned adapter as `name` beside the model's other adapters."""
+    named_adapters.add_spec(model, name, spec)
+    try:
+        for layer, _, a, b in plan.values():
+            adapter = layer.lora_adapter(name)
+            adapter.a.assign(a)
+            adapter.b.assign(b)
+        stored = model._keras_lora_heads["stored"].setdefault(name, {})
+        for layer, values in trained:
+            for attribute, value in values.items():
+                variable = getattr(layer, attribute)
+                stored[variable.path] = keras.ops.convert_to_numpy(
+                    keras.ops.cast(value, variable.dtype)
+                )
+    except BaseException:  # an interrupt too: all or nothing
+        named_adapters.delete_adapter(model, name)
+        raise
+    return model
+
+
+def save_peft_adapter(model, path, module_prefix=None, name=None):
     """Writes a model's LoRA layers as a Hugging Face PEFT adapter folder.
 
     `peft.PeftModel.from_pretrained(hf_model, path)` then computes what the
@@ -196,6 +233,23 @@ def save_peft_adapter(model, path, module_prefix=None):
             "`keras_lora.enable_lora(model)` or `load_peft_adapter` first."
         )
     spec = transform.lora_spec(model) or {}
+    if named_adapters.list_adapters(model):
+        name, spec = named_adapters.adapter_spec(model, name)
+        owners = model._keras_lora_heads["owner"]
+        if any(owners.get(p) != name for p in spec["train_layers"]):
+            raise ValueError(
+                f"Adapter {name!r} trains heads {spec['train_layers']} and is not "
+                f"active: `keras_lora.set_adapter(model, {name!r})` first."
+            )
+        layers = [
+            _AdapterView(layer, layer.lora_adapter(name))
+            for layer in layers
+            if name in layer.lora_adapter_names
+        ]
+    elif name is not None:
+        raise ValueError(
+            f"Model '{model.name}' has no named adapters. Received: name={name!r}"
+        )
     if module_prefix is None:
         module_prefix = (
             context["architecture"].task_prefix if context["is_task"] else ""
@@ -211,7 +265,7 @@ def save_peft_adapter(model, path, module_prefix=None):
     for module in context["modules"].values():
         for index, layer in enumerate(module.layers):
             owner[id(layer)] = (module, index)
-    unmapped = [layer.path for layer in layers if id(layer) not in owner]
+    unmapped = [layer.path for layer in layers if _id(layer) not in owner]
     if unmapped:
         mappable = sorted(
             {layer.path for m in context["modules"].values() for layer in m.layers}
@@ -224,7 +278,7 @@ def save_peft_adapter(model, path, module_prefix=None):
 
     by_module = collections.defaultdict(dict)
     for layer in layers:
-        module, index = owner[id(layer)]
+        module, index = owner[_id(layer)]
         by_module[module.name][index] = layer
     records = {}
     tensors = {}
@@ -254,6 +308,26 @@ def save_peft_adapter(model, path, module_prefix=None):
     config = peft_writing.write_config(records, context, module_prefix)
     config["modules_to_save"] = sorted(saved) or None
     return peft_writing.write_folder(path, config, tensors)
+
+
+def _id(layer):
+    """The id of a layer, or of the layer behind an `_AdapterView`."""
+    return id(layer.__dict__.get("_layer", layer))
+
+
+class _AdapterView:
+    """One named adapter of a layer, seen as the layer's own LoRA attributes
+    (what `peft_writing.fuse` reads)."""
+
+    def __init__(self, layer, adapter):
+        self._layer = layer
+        self.lora_a, self.lora_b = adapter.a, adapter.b
+        self.rank, self.alpha = adapter.rank, adapter.alpha
+        self.lora_scale, self.use_rslora = adapter.scale, adapter.use_rslora
+        self.dropout = adapter.dropout
+
+    def __getattr__(self, attribute):
+        return getattr(self._layer, attribute)
 
 
 def _check_path(path):

@@ -568,3 +568,44 @@ def test_runtime_imports_no_torch():
                 names = [a.name for a in node.names] + [getattr(node, "module", "")]
                 roots = {(n or "").split(".")[0] for n in names}
                 assert not roots & {"torch", "transformers", "peft"}, file
+
+
+def _random_weights(model, seed=0):
+    rng = np.random.default_rng(seed)
+    for variable in model.weights:
+        variable.assign(rng.normal(0, 0.2, variable.shape).astype(variable.dtype))
+
+
+def test_named_adapters_load_and_save_by_name(tmp_path):
+    folder = tmp_path / "peft"
+    _write_adapter(folder, {"target_modules": ["q_proj"]}, _q_proj_factors())
+    ids = np.random.default_rng(1).integers(1, 64, (2, 6)).astype("int32")
+    x = {"token_ids": ids, "padding_mask": np.ones_like(ids)}
+    single = _tiny_llama()
+    _random_weights(single)
+    base = keras.ops.convert_to_numpy(single(x))
+    keras_lora.load_peft_adapter(single, folder)
+    expected = keras.ops.convert_to_numpy(single(x))
+    assert np.abs(expected - base).max() > 1e-3
+    # Beside another adapter, under a name: inactive until set_adapter.
+    model = _tiny_llama()
+    _random_weights(model)
+    keras_lora.add_adapter(model, "mine", rank=2, targets=[".*value.*"])
+    keras_lora.load_peft_adapter(model, folder, name="peft")
+    assert keras_lora.list_adapters(model) == ["mine", "peft"]
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(model(x)), base, atol=1e-5)
+    keras_lora.set_adapter(model, "peft")
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(model(x)), expected, atol=1e-5
+    )
+    with pytest.raises(ValueError, match="already has an adapter named 'peft'"):
+        keras_lora.load_peft_adapter(model, folder, name="peft")
+    # Saving a named adapter writes its factors only; a fresh base loads it.
+    keras_lora.save_peft_adapter(model, tmp_path / "out", name="peft")
+    fresh = _tiny_llama()
+    _random_weights(fresh)
+    keras_lora.load_peft_adapter(fresh, tmp_path / "out", name="again")
+    assert keras_lora.list_adapters(fresh) == ["again"]
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(fresh(x)), expected, atol=1e-5
+    )
