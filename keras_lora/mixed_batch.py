@@ -70,7 +70,11 @@ def adapter_ids(model, ids):
     layers = transform.lora_layers(model)
     saved = [(layer._lora_active, layer._lora_example_ids) for layer in layers]
     outside = getattr(model, "_keras_lora_function_key", None) or "outside"
-    inside = ("ids", len(ids), tuple(names))
+    # Keyed by the outside configuration too: JAX's compiled functions take the
+    # trainable and non-trainable variables as separate state lists, and the
+    # trainable set is the outside configuration's (reusing a function traced
+    # under another set of the same shapes would swap variables' values).
+    inside = ("ids", len(ids), tuple(names), outside)
     for layer in layers:
         layer._lora_set(
             "_lora_active", tuple((n, 1.0) for n in layer.lora_adapter_names)

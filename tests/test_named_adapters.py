@@ -156,6 +156,13 @@ def test_mixed_batch_equals_each_example_alone(two_tasks):
     np.testing.assert_allclose(mixed, expected, atol=1e-5)
     np.testing.assert_allclose(eager, expected, atol=1e-5)
     np.testing.assert_allclose(to_numpy(model(X)), out_b2, atol=1e-6)  # back
+    # Entered from another configuration whose trainable factors have the
+    # same shapes ('b' instead of 'b2'): its own compiled function, same result.
+    keras_lora.set_adapter(model, "b")
+    with keras_lora.adapter_ids(model, ids):
+        np.testing.assert_allclose(
+            model.predict(X, batch_size=8, verbose=0), expected, atol=1e-5
+        )
     with pytest.raises(ValueError, match="train heads"):
         with keras_lora.adapter_ids(model, ["a"] * 8):
             pass
