@@ -53,12 +53,12 @@ TRAIN_VARIANTS = {
 }
 
 
-def build_classifier(config, seed=0, dropout=0.1):
-    """A Functional model: GPT2Backbone -> mean pooling -> Dense(2)."""
+def build_backbone(config, seed=0, dropout=0.1):
+    """The GPT2Backbone of `config`, from `seed`."""
     import keras_hub
 
     keras.utils.set_random_seed(seed)
-    backbone = keras_hub.models.GPT2Backbone(
+    return keras_hub.models.GPT2Backbone(
         vocabulary_size=config["vocabulary_size"],
         num_layers=config["num_layers"],
         num_heads=config["num_heads"],
@@ -67,6 +67,11 @@ def build_classifier(config, seed=0, dropout=0.1):
         max_sequence_length=config["sequence_length"],
         dropout=dropout,
     )
+
+
+def build_classifier(config, seed=0, dropout=0.1):
+    """A Functional model: GPT2Backbone -> mean pooling -> Dense(2)."""
+    backbone = build_backbone(config, seed, dropout)
     token_ids = keras.Input((None,), dtype="int32", name="token_ids")
     padding_mask = keras.Input((None,), dtype="int32", name="padding_mask")
     sequence = backbone({"token_ids": token_ids, "padding_mask": padding_mask})

@@ -28,20 +28,6 @@ import keras_lora  # noqa: E402
 from benchmarks import models, timing  # noqa: E402
 
 
-def backbone(config, seed=0):
-    import keras_hub
-
-    keras.utils.set_random_seed(seed)
-    return keras_hub.models.GPT2Backbone(
-        vocabulary_size=config["vocabulary_size"],
-        num_layers=config["num_layers"],
-        num_heads=config["num_heads"],
-        hidden_dim=config["hidden_dim"],
-        intermediate_dim=config["intermediate_dim"],
-        max_sequence_length=config["sequence_length"],
-    )
-
-
 def add_random_adapters(model, count, rank, seed=0):
     rng = np.random.default_rng(seed)
     for i in range(count):
@@ -60,7 +46,7 @@ def variable_bytes(model):
 
 
 def mixed_batch_times(config, rounds):
-    model = backbone(config)
+    model = models.build_backbone(config)
     names = add_random_adapters(model, 4, config["rank"])
     batch, seq = config["batch_size"], config["sequence_length"]
     batch = max(4, batch // 4 * 4)
@@ -105,7 +91,7 @@ def mixed_batch_times(config, rounds):
 
 
 def switch_time(config, repeats):
-    model = backbone(config)
+    model = models.build_backbone(config)
     names = add_random_adapters(model, 2, config["rank"])
     times = []
     for i in range(repeats):
@@ -119,7 +105,7 @@ def switch_time(config, repeats):
 def memory(config, counts):
     figures = {}
     for count in counts:
-        model = backbone(config)
+        model = models.build_backbone(config)
         add_random_adapters(model, count, config["rank"])
         figures[count] = variable_bytes(model)
     return figures
