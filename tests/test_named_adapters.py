@@ -250,3 +250,20 @@ def test_generate_with_several_adapters_in_one_batch():
         mixed = np.asarray(lm.generate(prompts, stop_token_ids=None)["token_ids"])
     for i, name in enumerate(ids):
         np.testing.assert_array_equal(mixed[i], alone[name][i])
+
+
+def test_export_merges_the_chosen_adapter_or_weighted_set(two_tasks, tmp_path):
+    model, base, _, out_b, _ = two_tasks
+    keras_lora.set_adapter(model, "b")
+    keras_lora.export_merged(model, tmp_path / "b.keras")
+    plain = keras.saving.load_model(tmp_path / "b.keras")
+    assert not keras_lora.lora_layers(plain)
+    np.testing.assert_allclose(to_numpy(plain(X)), out_b, atol=1e-5)
+    # A weighted set: half of 'b' is half of its update on every layer.
+    keras_lora.set_adapter(model, ["b"], weights=[0.5])
+    half = to_numpy(model(X))
+    keras_lora.export_merged(model, tmp_path / "half.keras")
+    plain = keras.saving.load_model(tmp_path / "half.keras")
+    np.testing.assert_allclose(to_numpy(plain(X)), half, atol=1e-5)
+    assert np.abs(half - out_b).max() > 1e-3 and np.abs(half - base).max() > 1e-3
+    keras_lora.set_adapter(model, "b")
