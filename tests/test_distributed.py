@@ -28,9 +28,11 @@ from keras_lora.layers import layouts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.join(ROOT, "tests", "distributed")
-sys.path.insert(0, SCRIPTS)
+sys.path[:0] = [SCRIPTS, ROOT]
 
 import common  # noqa: E402
+
+from benchmarks import distributed as benchmark  # noqa: E402
 
 BACKEND = keras.backend.backend()
 # Training on several devices sums gradients in another order: float32 noise.
@@ -146,6 +148,18 @@ def test_axis_that_does_not_divide_is_replicated_not_an_error():
     assert layouts_of(layer, distribution) == ((None, None), (None, "batch"))
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_base_factors_follow_the_kernel_path(mode):
+    # The int8 (or packed int4) kernel keeps the float kernel's path, so the
+    # layout map's kernel entry still places the factors.
+    layer = keras.layers.Dense(16, name="proj")
+    layer.build((None, 8))
+    layer.quantize(mode)
+    keras_lora.LoRADense.adapt(layer, rank=4)
+    distribution = model_parallel({"proj/kernel": ("model", "batch")})
+    assert layouts_of(layer, distribution) == (("model", None), (None, "batch"))
+
+
 def test_layout_map_entry_naming_a_factor_wins():
     layer = built(keras_lora.LoRADense(16, rank=4, name="proj"), (None, 8))
     distribution = model_parallel(
@@ -191,6 +205,16 @@ def test_torch_parameters_list_the_factors_after_enable_and_merge():
     names = [n for n, _ in model.named_parameters()]
     assert not [n for n in names if "lora" in n]
     assert "_torch_params.hidden/kernel" in names
+
+
+def test_benchmark_reads_all_reduced_bytes_from_hlo():
+    hlo = """
+  %p = f32[16,8]{1,0} parameter(0)
+  %all-reduce = f32[16,8]{1,0} all-reduce(f32[16,8]{1,0} %p), replica_groups={}
+  %ars = (f32[4]{0}, bf16[2,3]{1,0}) all-reduce-start(%a, %b), to_apply=%sum
+  %add = f32[16,8]{1,0} add(%all-reduce, %p)
+"""
+    assert benchmark.all_reduce_bytes(hlo) == 16 * 8 * 4 + 4 * 4 + 2 * 3 * 2
 
 
 # ----------------------------------------------------------------------------

@@ -25,8 +25,11 @@ import numpy as np
 
 import keras_lora
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.dirname(os.path.dirname(HERE))]
 import common  # noqa: E402
+
+from benchmarks.distributed import gpt2_layout_map as benchmark_layout_map  # noqa: E402
 
 GPT2_TARGETS = [
     "query",
@@ -72,13 +75,8 @@ def gemma_lm():
 
 
 def gpt2_layout_map(mesh):
-    """What a user writes for GPT-2 (KerasHub has no `get_layout_map` for it)."""
-    layout_map = keras.distribution.LayoutMap(mesh)
-    layout_map["token_embedding/embeddings"] = ("model", None)
-    layout_map[".*(query|key|value)/kernel"] = (None, "model", None)
-    layout_map[".*attention_output/kernel"] = ("model", None, None)
-    layout_map[".*feedforward_intermediate_dense/kernel"] = (None, "model")
-    layout_map[".*feedforward_output_dense/kernel"] = ("model", None)
+    """The benchmark's GPT-2 map (KerasHub has none), plus one factor entry."""
+    layout_map = benchmark_layout_map(mesh)
     # A user entry that names a factor wins over the derived layout.
     layout_map[".*value/lora_a"] = ("model", None)
     return layout_map
