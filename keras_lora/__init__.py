@@ -8,6 +8,9 @@ import sys as _sys
 __version__ = "0.1.0"
 
 __all__ = [
+    "LoRAConv1D",
+    "LoRAConv2D",
+    "LoRAConv3D",
     "LoRADense",
     "LoRAEinsumDense",
     "LoRAEmbedding",
@@ -44,6 +47,7 @@ def _import_public_names():
     from keras_lora.export import export_merged
     from keras_lora.interop import load_peft_adapter, save_peft_adapter
     from keras_lora.layers import LoRADense, LoRAEinsumDense, LoRAEmbedding
+    from keras_lora.layers.conv import LoRAConv1D, LoRAConv2D, LoRAConv3D
     from keras_lora.mixed_batch import adapter_ids
     from keras_lora.named_adapters import (
         active_adapters,

@@ -3,9 +3,13 @@
 A target spec is one of:
 - `None`: the paper's choice, the query and value projections of every
   attention block (a fused q/k/v projection is adapted as one matrix); a model
-  without attention gets every Dense and EinsumDense layer;
+  without attention gets every Dense and EinsumDense layer, unless it has
+  convolutions: the paper's choice has no convolutional analogue, so there
+  `None` is an error asking for `"all-conv"`, `"all-linear"` or names (never
+  a silent choice of the Dense head alone);
 - `"all-linear"`: every Dense and EinsumDense layer (inside the backbone, when
   the model has a KerasHub backbone, so that task heads stay out);
+- `"all-conv"`: every Conv1D, Conv2D and Conv3D layer (same backbone rule);
 - a list of layer names or regular expressions, each matched in full against
   `layer.path` (or equal to `layer.name`); every entry must match something;
 - a callable `layer -> bool`.
@@ -39,11 +43,15 @@ QUERY_VALUE_NAMES = frozenset(
 )
 
 LINEAR_TYPES = (keras.layers.Dense, keras.layers.EinsumDense)
+CONV_TYPES = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
+# The named target sets, and what each selects.
+NAMED_SETS = {"all-linear": "Dense or EinsumDense", "all-conv": "Conv1D/2D/3D"}
 
 
 def adaptable_types():
     """The exact classes enable_lora knows how to adapt."""
     types = [keras.layers.Dense, keras.layers.EinsumDense, keras.layers.Embedding]
+    types += CONV_TYPES
     if hasattr(keras.layers, "ReversibleEmbedding"):
         types.append(keras.layers.ReversibleEmbedding)
     hub = sys.modules.get("keras_hub")
@@ -80,13 +88,32 @@ def _backbone_layers(model):
     return None
 
 
-def _default_targets(candidates):
+def _default_targets(candidates, model, argument):
     attention = [
         layer
         for layer in candidates
         if isinstance(layer, LINEAR_TYPES) and layer.name in QUERY_VALUE_NAMES
     ]
-    return attention or [lyr for lyr in candidates if isinstance(lyr, LINEAR_TYPES)]
+    if attention:
+        return attention
+    convs = [describe(lyr) for lyr in candidates if _is_conv(lyr)]
+    if convs:
+        # Adapting only a CNN's Dense head (or nothing) would be a silent
+        # surprise: ask which layers.
+        raise ValueError(
+            f"`{argument}=None` is ambiguous for model '{model.name}': it has "
+            f"convolutions ({convs[:5]}) and no attention. Pass "
+            f"`{argument}='all-conv'` (every Conv1D/2D/3D), "
+            f"`{argument}='all-linear'` (every Dense/EinsumDense) or a list of "
+            f"layer names. Received: {argument}=None"
+        )
+    return [lyr for lyr in candidates if isinstance(lyr, LINEAR_TYPES)]
+
+
+def _is_conv(layer):
+    return type(layer) in CONV_TYPES or (
+        is_lora(layer) and issubclass(layer._lora_base_class_of(), CONV_TYPES)
+    )
 
 
 def _entry_matches(entry, layer):
@@ -111,18 +138,21 @@ def match_layers(model, spec, argument):
     layers = sublayers(model)
     # LoRA layers stay candidates so that adapting them twice is an error.
     candidates = [lyr for lyr in layers if is_adaptable(lyr) or is_lora(lyr)]
-    if spec is None or spec == "all-linear":
+    if spec is None or (isinstance(spec, str) and spec in NAMED_SETS):
         inside = _backbone_layers(model)
         if inside is not None:
             candidates = [lyr for lyr in candidates if id(lyr) in inside]
         if spec is None:
-            selected = _default_targets(candidates)
+            selected = _default_targets(candidates, model, argument)
+        elif spec == "all-conv":
+            selected = [lyr for lyr in candidates if _is_conv(lyr)]
         else:
             selected = [lyr for lyr in candidates if isinstance(lyr, LINEAR_TYPES)]
         if not selected:
             names = [describe(lyr) for lyr in layers][:20]
+            kind = NAMED_SETS.get(spec, NAMED_SETS["all-linear"])
             raise ValueError(
-                f"`{argument}={spec!r}` found no Dense or EinsumDense layer in "
+                f"`{argument}={spec!r}` found no {kind} layer in "
                 f"model '{model.name}'. Layers: {names}"
             )
         return selected
@@ -148,8 +178,8 @@ def match_layers(model, spec, argument):
         ]
     else:
         raise ValueError(
-            f"`{argument}` must be None, 'all-linear', a non-empty list of layer "
-            f"names or regular expressions, or a callable. Received: "
+            f"`{argument}` must be None, 'all-linear', 'all-conv', a non-empty "
+            "list of layer names or regular expressions, or a callable. Received: "
             f"{argument}={spec!r}"
         )
     if unmatched:
@@ -173,6 +203,6 @@ def check_adaptable(layers):
             )
             raise ValueError(
                 f"`targets` selected layer '{describe(layer)}', which is {kind}; "
-                "LoRA adapts Dense, EinsumDense and Embedding layers that are not "
-                "adapted yet."
+                "LoRA adapts Dense, EinsumDense, Embedding and Conv1D/2D/3D layers "
+                "(groups=1) that are not adapted yet."
             )
