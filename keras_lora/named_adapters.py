@@ -52,6 +52,8 @@ def add_adapter(
     dropout=0.0,
     train_layers=None,
     use_rslora=False,
+    rank_pattern=None,
+    alpha_pattern=None,
 ):
     """Adds a named LoRA adapter to a model, beside any it already has.
 
@@ -63,8 +65,9 @@ def add_adapter(
     Args:
         model: a built Keras model.
         name: a new adapter name: 1-64 letters, digits or underscores.
-        rank, alpha, targets, dropout, train_layers, use_rslora: as in
-            `enable_lora`; `targets` may select layers other adapters adapt.
+        rank, alpha, targets, dropout, train_layers, use_rslora,
+            rank_pattern, alpha_pattern: as in `enable_lora`; `targets` may
+            select layers other adapters adapt.
 
     Returns:
         The same model.
@@ -78,10 +81,10 @@ def add_adapter(
     """
     check_adapter_name(name)
     transform.check_model(model)
+    arguments = (model, rank, alpha, targets, dropout, train_layers, use_rslora)
+    per_layer = {"rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern}
     if not list_adapters(model):
-        spec = transform.build_spec(
-            model, rank, alpha, targets, dropout, train_layers, use_rslora
-        )
+        spec = transform.build_spec(*arguments, **per_layer)
         transform.apply_spec(model, spec)
         _rename_first(model, name)
         return model
@@ -90,9 +93,7 @@ def add_adapter(
             f"Model '{model.name}' already has an adapter named {name!r}. "
             f"Its adapters: {list_adapters(model)}"
         )
-    spec = transform.build_spec(
-        model, rank, alpha, targets, dropout, train_layers, use_rslora, True
-    )
+    spec = transform.build_spec(*arguments, adapted_ok=True, **per_layer)
     add_spec(model, name, spec)
     return model
 

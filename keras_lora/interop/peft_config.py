@@ -8,6 +8,11 @@ the rank, alpha and adapted/not-adapted status PEFT itself would give it.
 
 import re
 
+# One implementation of PEFT's pattern rule, shared with `enable_lora`'s
+# `rank_pattern`/`alpha_pattern` (keras_lora/patterns.py).
+from keras_lora.patterns import pattern_regex as rank_pattern_regex  # noqa: F401
+from keras_lora.patterns import pattern_value  # noqa: F401
+
 # The files of a PEFT adapter folder, and the prefix PEFT gives tensor names.
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -30,14 +35,6 @@ UNSUPPORTED = {
     "velora_config": "VeLoRA",
     "megatron_config": "Megatron-parallel LoRA layers",
 }
-
-
-def pattern_value(pattern, module_name, default):
-    """PEFT's `rank_pattern` / `alpha_pattern` lookup for one module."""
-    for key in pattern:
-        if re.match(rank_pattern_regex(key), module_name):
-            return pattern[key]
-    return default
 
 
 def is_targeted(config, module_name):
@@ -90,11 +87,6 @@ def _in_list(names, module_name):
 
 # The regular expressions PEFT builds from config fields (checked, with these
 # same functions, by `peft_config_check.py`).
-
-
-def rank_pattern_regex(key):
-    """A `rank_pattern` / `alpha_pattern` key as PEFT matches it."""
-    return rf"(.*\.)?({key})$"
 
 
 def saved_module_regex(saved):

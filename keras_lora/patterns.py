@@ -1,0 +1,95 @@
+"""Per-layer ranks and alphas: PEFT's `rank_pattern` / `alpha_pattern` rule, once.
+
+A pattern is a dict `{regular expression: value}`. A layer takes the value of
+the first key (in dict order) that matches its whole name or a whole suffix of
+it that starts after a separator (PEFT's `get_pattern_key`:
+`re.match(rf"(.*\\.)?({key})$", name)`); layers no key matches keep the
+default. PEFT module names are separated by `"."`, Keras layer paths by
+`"/"`: `enable_lora` and `load_peft_adapter` both call `pattern_value`, with
+their own separator.
+"""
+
+import re
+
+from keras_lora.layers import lora_math
+
+
+def pattern_regex(key, separator="."):
+    """The regular expression PEFT builds from a pattern key."""
+    return rf"(.*{re.escape(separator)})?({key})$"
+
+
+def pattern_value(pattern, name, default, separator="."):
+    """The value of the first key of `pattern` matching `name`, else `default`.
+
+    Args:
+        pattern: dict `{regular expression: value}` (None or empty: no keys).
+        name: the module name (PEFT) or layer path (Keras).
+        default: the value when no key matches.
+        separator: what separates the name's components (`"."` or `"/"`).
+
+    Example:
+
+    >>> pattern_value({"query": 16}, "gpt2/layer_0/attention/query", 8, "/")
+    16
+    """
+    for key in pattern or {}:
+        if re.match(pattern_regex(key, separator), name):
+            return pattern[key]
+    return default
+
+
+def check_patterns(rank_pattern, alpha_pattern):
+    """Validates `enable_lora`'s `rank_pattern` and `alpha_pattern` arguments.
+
+    Raises:
+        ValueError: naming the argument, for anything but a dict of valid
+            regular expressions to positive ints (ranks) or numbers (alphas).
+    """
+    for argument, pattern in (
+        ("rank_pattern", rank_pattern),
+        ("alpha_pattern", alpha_pattern),
+    ):
+        if pattern is None:
+            continue
+        if not isinstance(pattern, dict):
+            raise ValueError(
+                f"`{argument}` must be a dict {{regular expression: value}} or "
+                f"None. Received: {argument}={pattern!r}"
+            )
+        for key, value in pattern.items():
+            if not isinstance(key, str):
+                raise ValueError(
+                    f"`{argument}` keys must be strings (regular expressions). "
+                    f"Received: {argument}={pattern!r}"
+                )
+            try:
+                re.compile(pattern_regex(key, "/"))
+            except re.error as error:
+                raise ValueError(
+                    f"`{argument}` key {key!r} is not a valid regular expression "
+                    f"({error}). Received: {argument}={pattern!r}"
+                ) from None
+            try:
+                if argument == "rank_pattern":
+                    lora_math.check_rank(value)
+                else:
+                    lora_math.check_alpha(value, 1)
+            except ValueError as error:
+                raise ValueError(
+                    f"`{argument}[{key!r}]` is invalid: {error} "
+                    f"Received: {argument}={pattern!r}"
+                ) from None
+
+
+def check_all_used(pattern, argument, paths):
+    """Raises if a key of `pattern` matches none of the adapted layer paths
+    (a typo would otherwise leave every layer at the default, silently)."""
+    for key in pattern or {}:
+        if not any(re.match(pattern_regex(key, "/"), path) for path in paths):
+            raise ValueError(
+                f"`{argument}` key {key!r} matches none of the adapted layers "
+                f"(keys match a layer's path in full, or its last components "
+                f"after a '/'). Adapted layers: {sorted(paths)[:12]}. "
+                f"Received: {argument}={pattern!r}"
+            )
