@@ -312,6 +312,14 @@ def test_jax_data_and_model_parallel_on_8_devices(tmp_path):
     # Adapter files and full models come back with values and layouts.
     assert facts["load_adapter_difference"] == 0.0
     assert facts["load_adapter_specs"] == GPT2_FACTOR_SPECS
+    # A named adapter's factors (`lora_a_second`, ...) follow the kernels too;
+    # the map's `.*value/lora_a` key does not name them.
+    named = {
+        path.replace("lora_a", "lora_a_second").replace("lora_b", "lora_b_second"): axes
+        for path, axes in GPT2_FACTOR_SPECS.items()
+    }
+    named[GPT2_LAYER + "self_attention/value/lora_a_second"] = [None, None]
+    assert facts["named_adapter_specs"] == named
     assert facts["load_model_difference"] == 0.0
     assert facts["load_model_specs"] == GPT2_FACTOR_SPECS
     assert facts["load_model_slot_specs"] == GPT2_FACTOR_SPECS

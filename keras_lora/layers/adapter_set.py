@@ -23,7 +23,7 @@ import re
 import keras
 from keras import ops
 
-from keras_lora.layers import lora_math
+from keras_lora.layers import layouts, lora_math
 
 _NAME = re.compile(r"[A-Za-z0-9_]{1,64}")
 
@@ -132,18 +132,19 @@ class AdapterSet:
         locked = self._tracker.locked
         self._tracker.unlock()
         try:
-            a = self.add_weight(
-                name=f"lora_a_{name}",
-                shape=a_shape,
-                initializer=keras.initializers.get(a_initializer),
-                dtype="float32",
-            )
-            b = self.add_weight(
-                name=f"lora_b_{name}",
-                shape=b_shape,
-                initializer=keras.initializers.get(b_initializer),
-                dtype="float32",
-            )
+            with layouts.factor_layouts(self):  # follow the kernel's sharding
+                a = self.add_weight(
+                    name=f"lora_a_{name}",
+                    shape=a_shape,
+                    initializer=keras.initializers.get(a_initializer),
+                    dtype="float32",
+                )
+                b = self.add_weight(
+                    name=f"lora_b_{name}",
+                    shape=b_shape,
+                    initializer=keras.initializers.get(b_initializer),
+                    dtype="float32",
+                )
             seed = (
                 keras.random.SeedGenerator(name=f"lora_seed_{name}")
                 if dropout > 0

@@ -159,6 +159,13 @@ def gpt2_checks(work_dir, facts):
             common.factors(fresh), trained
         )
         facts["load_adapter_specs"] = factor_specs(fresh)
+        # A named adapter's factors are laid out like the primary ones.
+        keras_lora.add_adapter(fresh, "second", rank=2, targets=GPT2_TARGETS)
+        facts["named_adapter_specs"] = {
+            v.path: spec(v)
+            for v in fresh.weights
+            if "lora_a_second" in v.path or "lora_b_second" in v.path
+        }
 
         saved = os.path.join(work_dir, "model.keras")
         model.save(saved)
