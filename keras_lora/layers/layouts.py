@@ -110,8 +110,8 @@ def factor_layout(layer, role, path, shape, distribution):
     kernel_axes = _axes(getattr(kernel, "_layout", None), len(kernel.shape))
     if kernel_axes is None:
         kernel_axes = _axes(distribution.get_variable_layout(kernel), len(kernel.shape))
-    a_spec, b_spec = layer.lora_merge_equation.split("->")[0].split(",")
-    kernel_spec = layer.lora_merge_equation.split("->")[1]
+    operands, kernel_spec = layer.lora_merge_equation.split("->")
+    a_spec, b_spec = operands.split(",")
     by_letter = dict(zip(kernel_spec, kernel_axes or (None,) * len(kernel_spec)))
     spec = a_spec if role == "lora_a" else b_spec
     axes = [by_letter.get(letter) for letter in spec]
