@@ -224,7 +224,7 @@ def _write_twin(layer, base_class, mode, float_policy, overrides, policies):
     config.pop("lora_rank", None)
     config.pop("lora_alpha", None)
     lora_class = type(layer)
-    live_policy = layer.dtype_policy
+    live_policy = _current_policy(layer)
 
     def save_own_variables(store):
         # Built here, one layer at a time: at most one float kernel exists.
@@ -263,17 +263,30 @@ def _target_policy(float_policy, mode, config):
     return keras.dtype_policies.get(f"{name}_from_{float_policy.name}")
 
 
-def _set_policy(layer, policy):
-    """Sets the policy `layer.dtype_policy` reads (not quantizing); returns the old."""
+def _current_policy(layer):
+    """The layer's own policy (its entry when a `DTypePolicyMap` holds it)."""
     owner = layer._dtype_policy
-    if isinstance(owner, keras.dtype_policies.DTypePolicyMap) and layer.path in owner:
-        previous = owner[layer.path]
-        del owner[layer.path]
-        owner[layer.path] = policy
-        return previous
     if isinstance(owner, keras.dtype_policies.DTypePolicyMap):
-        # Not in the map: the map's default applied; remember that.
-        layer.__dict__["_dtype_policy"] = policy
-        return owner
+        return owner[layer.path]
+    return owner
+
+
+def _set_policy(layer, policy):
+    """Sets the policy the layer reads (not quantizing it); returns the old one.
+
+    A KerasHub backbone loaded from a quantized file shares one
+    `DTypePolicyMap` with its layers: the layer's entry is set there (and
+    removed again when `policy` is `_MISSING`), which is also what the
+    backbone's config writes.
+    """
+    owner = layer._dtype_policy
+    if isinstance(owner, keras.dtype_policies.DTypePolicyMap):
+        previous = _MISSING
+        if layer.path in owner:
+            previous = owner[layer.path]
+            del owner[layer.path]
+        if policy is not _MISSING:
+            owner[layer.path] = policy
+        return previous
     layer.__dict__["_dtype_policy"] = policy
     return owner

@@ -14,7 +14,7 @@ import warnings
 import keras
 import numpy as np
 
-from keras_lora import adapted_model, distributed_torch, patterns
+from keras_lora import adapted_model, distributed_torch
 from keras_lora import targets as targets_lib
 from keras_lora.layers import lora_math, quantized
 from keras_lora.layers.conv import LoRAConv1D, LoRAConv2D, LoRAConv3D
@@ -78,8 +78,6 @@ def enable_lora(
     dropout=0.0,
     train_layers=None,
     use_rslora=False,
-    rank_pattern=None,
-    alpha_pattern=None,
 ):
     """Adds LoRA to a built Keras model, in place, and freezes everything else.
 
@@ -98,13 +96,6 @@ def enable_lora(
         train_layers: layers whose own weights stay trainable (e.g. a task
             head), with the same matching rules as `targets`; None for none.
         use_rslora: bool; scale by alpha / sqrt(r) (rsLoRA) instead.
-        rank_pattern: dict `{regular expression: rank}`, per-layer ranks with
-            PEFT's rule: the first key that matches a layer's path in full
-            (or its last components after a `/`) gives its rank; other
-            layers get `rank`. Every key must match an adapted layer.
-        alpha_pattern: dict `{regular expression: alpha}`, per-layer alphas,
-            same rule (a layer without one has `alpha`, or its own rank
-            when `alpha` is None).
 
     Returns:
         The same model object. Only the LoRA factors and the weights of
@@ -123,32 +114,18 @@ def enable_lora(
             "`keras_lora.merge_lora(model)` before adapting it again, or add a "
             "named adapter with `keras_lora.add_adapter`."
         )
-    per_layer = {"rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern}
-    spec = build_spec(
-        model, rank, alpha, targets, dropout, train_layers, use_rslora, **per_layer
-    )
+    spec = build_spec(model, rank, alpha, targets, dropout, train_layers, use_rslora)
     return apply_spec(model, spec)
 
 
 def build_spec(
-    model,
-    rank,
-    alpha,
-    targets,
-    dropout,
-    train_layers,
-    use_rslora,
-    adapted_ok=False,
-    rank_pattern=None,
-    alpha_pattern=None,
+    model, rank, alpha, targets, dropout, train_layers, use_rslora, adapted_ok=False
 ):
     """Checks `enable_lora`'s arguments and returns the spec they describe.
 
     Args:
         adapted_ok: let `targets` select layers that already are LoRA layers
             (a further named adapter goes beside their existing ones).
-        rank_pattern, alpha_pattern: per-layer ranks and alphas
-            (`keras_lora/patterns.py`), recorded per layer in the spec.
     """
     rank = lora_math.check_rank(rank)
     lora_math.check_alpha(alpha, rank)
@@ -172,25 +149,19 @@ def build_spec(
             f"Layer '{targets_lib.describe(overlap[0])}' is in both `targets` and "
             "`train_layers`: an adapted layer's base weights stay frozen."
         )
-    patterns.check_patterns(rank_pattern, alpha_pattern)
     unique_path = _path_checker(model)
-    paths = [unique_path(lyr) for lyr in selected]
-    patterns.check_all_used(rank_pattern, "rank_pattern", paths)
-    patterns.check_all_used(alpha_pattern, "alpha_pattern", paths)
-    layers = {}
-    for path in paths:
-        layers[path] = {
-            "rank": patterns.pattern_value(rank_pattern, path, rank, "/"),
-            "alpha": patterns.pattern_value(alpha_pattern, path, alpha, "/"),
-            "dropout": dropout,
-            "use_rslora": use_rslora,
-        }
+    layer_config = {
+        "rank": rank,
+        "alpha": alpha,
+        "dropout": dropout,
+        "use_rslora": use_rslora,
+    }
     return {
         "version": SPEC_VERSION,
         "targets": targets
         if targets is None or isinstance(targets, str)
         else (list(targets) if isinstance(targets, (list, tuple)) else "callable"),
-        "layers": layers,
+        "layers": {unique_path(lyr): dict(layer_config) for lyr in selected},
         "train_layers": [unique_path(lyr) for lyr in trained],
     }
 
@@ -256,9 +227,9 @@ def apply_spec(model, spec, trainable_state=None, keep_base_values=True):
     for path in spec["layers"]:
         by_path[path]._lora_set("_lora_primary", "default")  # named_adapters.py
     _freeze_all_but(model, lora_layers(model), trained_layers)
-    # A tied int8 logits table would otherwise give the layers below it no
-    # gradient (keras_lora/layers/quantized.py).
-    quantized.give_tied_logits_a_gradient(model)
+    # Quantized bases: a tied int8 logits table would give the layers below
+    # it no gradient, and a policy-map model could not save (quantized.py).
+    quantized.prepare_model(model)
     if not adapted_model.is_adapted(model):
         model.__class__ = adapted_model.adapted_class(type(model))
     object.__setattr__(model, "_keras_lora_spec", spec)

@@ -292,3 +292,29 @@ def test_dequantized_kernel_is_what_keras_computes(config):
     table.quantize(config=config)
     kernel = to_numpy(quantized.dequantized_kernel(table))
     np.testing.assert_allclose(kernel[ids], to_numpy(table(ids)), rtol=1e-6)
+
+
+def test_a_model_loaded_from_a_quantized_file(tmp_path):
+    """What an int8 KerasHub preset loads as: layers share a `DTypePolicyMap`.
+
+    Keras 3.15 cannot re-save such a model by itself (its layers read the
+    map's quantization mode, None, while saving); after `enable_lora` it saves,
+    reloads and exports.
+    """
+    x, _ = data("einsum")
+    model, _ = quantized_base("einsum", "int8")
+    model.save(tmp_path / "int8.keras")
+    model = keras.saving.load_model(tmp_path / "int8.keras")
+    assert isinstance(model.dtype_policy, keras.dtype_policies.DTypePolicyMap)
+    base = to_numpy(model(x))
+    keras_lora.enable_lora(model, rank=4)
+    np.testing.assert_array_equal(to_numpy(model(x)), base)
+    randomize_factors(model)
+    live = to_numpy(model(x))
+    model.save(tmp_path / "adapted.keras")
+    reloaded = keras.saving.load_model(tmp_path / "adapted.keras")
+    np.testing.assert_array_equal(to_numpy(reloaded(x)), live)
+    keras_lora.export_merged(model, tmp_path / "merged.keras", quantize="same")
+    plain = keras.saving.load_model(tmp_path / "merged.keras")
+    assert plain.get_layer("token_embedding").quantization_mode == "int8"
+    assert np.abs(to_numpy(plain(x)) - live).max() < 0.05

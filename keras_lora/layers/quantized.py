@@ -122,13 +122,19 @@ def _block_size(layer):
 
 
 def source_policy(layer):
-    """The float dtype policy the layer's quantized policy was made from."""
+    """The float dtype policy the layer's quantized policy was made from.
+
+    Always a named policy: one loaded from a KerasHub policy map may carry no
+    name ("use the global dtype"), which a saved config cannot hold.
+    """
     policy = layer.dtype_policy
     if isinstance(policy, keras.dtype_policies.DTypePolicyMap):
         policy = policy[layer.path]
-    if policy.quantization_mode is None:
-        return policy
-    return keras.dtype_policies.get(policy._source_name)
+    name = policy.name if policy.quantization_mode is None else policy._source_name
+    if not name:
+        compute, variable = policy.compute_dtype, policy.variable_dtype
+        name = compute if compute == variable else f"mixed_{compute}"
+    return keras.dtype_policies.get(name)
 
 
 def quantization_config(layer, mode):
@@ -250,6 +256,43 @@ def reverse_input_gradient(layer, base_call, soft_cap=None):
         return logits_with_input_gradient(inputs)
 
     return call
+
+
+def prepare_model(model):
+    """What `enable_lora` (and a reload) does for quantized bases: see below."""
+    give_tied_logits_a_gradient(model)
+    save_with_own_policy(model)
+
+
+def save_with_own_policy(model):
+    """Lets each layer of a policy-map model save its quantized variables.
+
+    A KerasHub model loaded from a quantized file (an int8 preset) gives its
+    layers one shared `DTypePolicyMap`. Keras 3.15's `Dense`/`EinsumDense`/
+    `Embedding.save_own_variables` read `self.dtype_policy.quantization_mode`,
+    which is the map's (None), so `model.save` fails ("Invalid dtype:
+    object") even without LoRA. While a layer saves, it sees its own entry.
+    """
+    for layer in model._flatten_layers(include_self=False):
+        owner = layer.__dict__.get("_dtype_policy")
+        if (
+            isinstance(owner, keras.dtype_policies.DTypePolicyMap)
+            and layer.path in owner
+            and "save_own_variables" not in layer.__dict__
+        ):
+            layer.__dict__["save_own_variables"] = _own_policy_save(layer)
+
+
+def _own_policy_save(layer):
+    def save_own_variables(store):
+        owner = layer.__dict__["_dtype_policy"]
+        layer.__dict__["_dtype_policy"] = owner[layer.path]
+        try:
+            type(layer).save_own_variables(layer, store)
+        finally:
+            layer.__dict__["_dtype_policy"] = owner
+
+    return save_own_variables
 
 
 def give_tied_logits_a_gradient(model):
