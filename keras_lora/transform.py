@@ -14,7 +14,7 @@ import warnings
 import keras
 import numpy as np
 
-from keras_lora import adapted_model, distributed_torch
+from keras_lora import adapted_model, distributed_torch, patterns
 from keras_lora import targets as targets_lib
 from keras_lora.layers import lora_math, quantized
 from keras_lora.layers.conv import LoRAConv1D, LoRAConv2D, LoRAConv3D
@@ -78,6 +78,8 @@ def enable_lora(
     dropout=0.0,
     train_layers=None,
     use_rslora=False,
+    rank_pattern=None,
+    alpha_pattern=None,
 ):
     """Adds LoRA to a built Keras model, in place, and freezes everything else.
 
@@ -96,6 +98,13 @@ def enable_lora(
         train_layers: layers whose own weights stay trainable (e.g. a task
             head), with the same matching rules as `targets`; None for none.
         use_rslora: bool; scale by alpha / sqrt(r) (rsLoRA) instead.
+        rank_pattern: dict `{regular expression: rank}`, per-layer ranks with
+            PEFT's rule: the first key that matches a layer's path in full
+            (or its last components after a `/`) gives its rank; other
+            layers get `rank`. Every key must match an adapted layer.
+        alpha_pattern: dict `{regular expression: alpha}`, per-layer alphas,
+            same rule (a layer without one has `alpha`, or its own rank
+            when `alpha` is None).
 
     Returns:
         The same model object. Only the LoRA factors and the weights of
@@ -114,18 +123,32 @@ def enable_lora(
             "`keras_lora.merge_lora(model)` before adapting it again, or add a "
             "named adapter with `keras_lora.add_adapter`."
         )
-    spec = build_spec(model, rank, alpha, targets, dropout, train_layers, use_rslora)
+    per_layer = {"rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern}
+    spec = build_spec(
+        model, rank, alpha, targets, dropout, train_layers, use_rslora, **per_layer
+    )
     return apply_spec(model, spec)
 
 
 def build_spec(
-    model, rank, alpha, targets, dropout, train_layers, use_rslora, adapted_ok=False
+    model,
+    rank,
+    alpha,
+    targets,
+    dropout,
+    train_layers,
+    use_rslora,
+    adapted_ok=False,
+    rank_pattern=None,
+    alpha_pattern=None,
 ):
     """Checks `enable_lora`'s arguments and returns the spec they describe.
 
     Args:
         adapted_ok: let `targets` select layers that already are LoRA layers
             (a further named adapter goes beside their existing ones).
+        rank_pattern, alpha_pattern: per-layer ranks and alphas
+            (`keras_lora/patterns.py`), recorded per layer in the spec.
     """
     rank = lora_math.check_rank(rank)
     lora_math.check_alpha(alpha, rank)
@@ -149,19 +172,25 @@ def build_spec(
             f"Layer '{targets_lib.describe(overlap[0])}' is in both `targets` and "
             "`train_layers`: an adapted layer's base weights stay frozen."
         )
+    patterns.check_patterns(rank_pattern, alpha_pattern)
     unique_path = _path_checker(model)
-    layer_config = {
-        "rank": rank,
-        "alpha": alpha,
-        "dropout": dropout,
-        "use_rslora": use_rslora,
-    }
+    paths = [unique_path(lyr) for lyr in selected]
+    patterns.check_all_used(rank_pattern, "rank_pattern", paths)
+    patterns.check_all_used(alpha_pattern, "alpha_pattern", paths)
+    layers = {}
+    for path in paths:
+        layers[path] = {
+            "rank": patterns.pattern_value(rank_pattern, path, rank, "/"),
+            "alpha": patterns.pattern_value(alpha_pattern, path, alpha, "/"),
+            "dropout": dropout,
+            "use_rslora": use_rslora,
+        }
     return {
         "version": SPEC_VERSION,
         "targets": targets
         if targets is None or isinstance(targets, str)
         else (list(targets) if isinstance(targets, (list, tuple)) else "callable"),
-        "layers": {unique_path(lyr): dict(layer_config) for lyr in selected},
+        "layers": layers,
         "train_layers": [unique_path(lyr) for lyr in trained],
     }
 
