@@ -14,6 +14,7 @@ __all__ = [
     "LoRADense",
     "LoRAEinsumDense",
     "LoRAEmbedding",
+    "LoRAPlus",
     "MergeLoRA",
     "active_adapters",
     "add_adapter",
@@ -48,6 +49,7 @@ def _import_public_names():
     from keras_lora.interop import load_peft_adapter, save_peft_adapter
     from keras_lora.layers import LoRADense, LoRAEinsumDense, LoRAEmbedding
     from keras_lora.layers.conv import LoRAConv1D, LoRAConv2D, LoRAConv3D
+    from keras_lora.lora_plus import LoRAPlus
     from keras_lora.mixed_batch import adapter_ids
     from keras_lora.named_adapters import (
         active_adapters,
