@@ -14,7 +14,7 @@ import warnings
 import keras
 import numpy as np
 
-from keras_lora import adapted_model, distributed_torch, patterns
+from keras_lora import adapted_model, distributed_torch, lora_init, patterns
 from keras_lora import targets as targets_lib
 from keras_lora.layers import lora_math, quantized
 from keras_lora.layers.conv import LoRAConv1D, LoRAConv2D, LoRAConv3D
@@ -80,6 +80,7 @@ def enable_lora(
     use_rslora=False,
     rank_pattern=None,
     alpha_pattern=None,
+    init="default",
 ):
     """Adds LoRA to a built Keras model, in place, and freezes everything else.
 
@@ -91,9 +92,9 @@ def enable_lora(
             defaults to r).
         targets: which layers to adapt: None (query and value projections of
             every attention block; every Dense/EinsumDense layer if the model
-            has no attention), `"all-linear"`, a list of layer names or
-            regular expressions matched in full against `layer.path`, or a
-            callable `layer -> bool`.
+            has no attention, an error if it has convolutions), `"all-linear"`,
+            `"all-conv"`, a list of layer names or regular expressions matched
+            in full against `layer.path`, or a callable `layer -> bool`.
         dropout: float in [0, 1), dropout on each LoRA path's input.
         train_layers: layers whose own weights stay trainable (e.g. a task
             head), with the same matching rules as `targets`; None for none.
@@ -105,6 +106,8 @@ def enable_lora(
         alpha_pattern: dict `{regular expression: alpha}`, per-layer alphas,
             same rule (a layer without one has `alpha`, or its own rank
             when `alpha` is None).
+        init: `"default"` (A He-uniform, B zero) or `"gaussian"` (A ~ N(0,
+            σ=1/r), B zero, as PEFT's); see `keras_lora/lora_init.py`.
 
     Returns:
         The same model object. Only the LoRA factors and the weights of
@@ -123,11 +126,14 @@ def enable_lora(
             "`keras_lora.merge_lora(model)` before adapting it again, or add a "
             "named adapter with `keras_lora.add_adapter`."
         )
+    lora_init.check_init(init)
     per_layer = {"rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern}
     spec = build_spec(
         model, rank, alpha, targets, dropout, train_layers, use_rslora, **per_layer
     )
-    return apply_spec(model, spec)
+    apply_spec(model, spec)
+    lora_init.initialize(lora_layers(model), init)
+    return model
 
 
 def build_spec(
