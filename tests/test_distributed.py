@@ -323,6 +323,7 @@ def test_jax_data_and_model_parallel_on_8_devices(tmp_path):
     assert facts["load_model_difference"] == 0.0
     assert facts["load_model_specs"] == GPT2_FACTOR_SPECS
     assert facts["load_model_slot_specs"] == GPT2_FACTOR_SPECS
+    assert facts["resume_difference"] < TOLERANCE
     # Exported and merged models compute what the adapted one did; merging
     # in place keeps every kernel's layout.
     assert facts["export_difference"] < TOLERANCE

@@ -149,7 +149,6 @@ def gpt2_checks(work_dir, facts):
         facts["mp_slot_specs"] = slot_specs(model)
         facts["mp_difference"] = common.max_difference(trained, reference)
         facts["mp_moved"] = common.max_difference(trained, untrained)
-        outputs = predict(model, x)
 
         adapter = os.path.join(work_dir, "adapter.keras")
         keras_lora.save_adapter(model, adapter)
@@ -175,6 +174,12 @@ def gpt2_checks(work_dir, facts):
         )
         facts["load_model_specs"] = factor_specs(reloaded)
         facts["load_model_slot_specs"] = slot_specs(reloaded)
+        # Training resumes where it stopped: the same steps on the reloaded
+        # model and on the live one end at the same factors (momentum too).
+        facts["resume_difference"] = common.max_difference(
+            train(reloaded), train(model)
+        )
+        outputs = predict(model, x)
 
         merged_file = os.path.join(work_dir, "merged.keras")
         keras_lora.export_merged(model, merged_file)
