@@ -77,7 +77,10 @@ class LoRAPlus(keras.optimizers.Optimizer):
 
     @property
     def variables(self):
-        return self._variables + self.inner_optimizer.variables
+        # The wrapped optimizer's state only: the wrapper's own `iterations`
+        # and learning rate are never used, and a file then holds exactly
+        # what a plain optimizer of that class holds.
+        return self.inner_optimizer.variables
 
     def apply(self, grads, trainable_variables=None):
         if not self.built:

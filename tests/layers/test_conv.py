@@ -200,3 +200,35 @@ def test_named_adapters_on_a_conv():
     # The merged kernel of the active adapter gives the same outputs.
     keras_lora.merge_lora(model)
     np.testing.assert_allclose(to_numpy(model(x)), two, atol=1e-5)
+
+
+def test_keras_hub_resnet_classifier(tmp_path):
+    import keras_hub
+
+    backbone = keras_hub.models.ResNetBackbone(
+        input_conv_filters=[64],
+        input_conv_kernel_sizes=[7],
+        stackwise_num_filters=[64, 16],
+        stackwise_num_blocks=[1, 1],
+        stackwise_num_strides=[1, 2],
+        block_type="basic_block",
+        use_pre_activation=False,
+        image_shape=(32, 32, 3),
+    )
+    model = keras_hub.models.ResNetImageClassifier(backbone=backbone, num_classes=3)
+    x = np.random.default_rng(4).uniform(size=(2, 32, 32, 3)).astype("float32")
+    base_out = to_numpy(model(x))
+    with pytest.raises(ValueError, match="targets='all-conv'"):
+        keras_lora.enable_lora(model, rank=2)
+    keras_lora.enable_lora(model, rank=2, targets="all-conv")
+    adapted = keras_lora.lora_layers(model)
+    assert len(adapted) == 6 and all(
+        isinstance(lyr, keras_lora.LoRAConv2D) for lyr in adapted
+    )
+    np.testing.assert_array_equal(to_numpy(model(x)), base_out)
+    randomize_factors(model)
+    trained = to_numpy(model(x))
+    path = os.path.join(tmp_path, "resnet_merged.keras")
+    keras_lora.export_merged(model, path)
+    exported = keras.saving.load_model(path)
+    np.testing.assert_allclose(to_numpy(exported(x)), trained, atol=1e-4)
