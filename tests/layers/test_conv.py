@@ -232,3 +232,16 @@ def test_keras_hub_resnet_classifier(tmp_path):
     keras_lora.export_merged(model, path)
     exported = keras.saving.load_model(path)
     np.testing.assert_allclose(to_numpy(exported(x)), trained, atol=1e-4)
+
+
+def test_bfloat16_policy_keeps_float32_factors():
+    layer = keras_lora.LoRAConv2D(4, 3, rank=2, dtype="mixed_bfloat16")
+    x = np.random.default_rng(5).normal(size=(1, 6, 6, 3)).astype("float32")
+    layer.build(x.shape)
+    randomize_factors(layer)
+    assert layer.lora_a.dtype == "float32" and layer.lora_b.dtype == "float32"
+    y = layer(x)
+    assert keras.backend.standardize_dtype(y.dtype) == "bfloat16"
+    merged = to_numpy(keras.ops.conv(x, layer.merged_kernel(dtype="float32")))
+    merged = merged + to_numpy(layer.bias)
+    np.testing.assert_allclose(to_numpy(y).astype("float32"), merged, atol=0.1)
