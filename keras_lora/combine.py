@@ -88,7 +88,9 @@ def combine_adapters(model, names, weights, new_name, combination="svd", rank=No
             for n, w in zip(names, weights)
             if n in layer.lora_adapter_names
         ]
-        factors[layer.path] = _combine(layer, parts, combination, rank)
+        factors[transform.relative_path(model, layer.path)] = _combine(
+            layer, parts, combination, rank
+        )
     spec = {
         "version": SPEC_VERSION,
         "targets": f"combined:{combination}",

@@ -299,7 +299,7 @@ def adapter_variables(model, name):
         # All of the layer's weights: a trained BatchNormalization's moving
         # statistics belong to the adapter too.
         for variable in transform.head_weights(by_path[path]):
-            key = f"train/{variable.path}"
+            key = f"train/{transform.relative_path(model, variable.path)}"
             if key in entries:
                 raise ValueError(
                     f"Two trainable weights share the path '{variable.path}'; "

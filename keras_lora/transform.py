@@ -8,6 +8,7 @@ on the model (see `adapted_model.py`), which `model.save`, `save_adapter` and
 `merge_lora` read.
 """
 
+import collections
 import contextlib
 import warnings
 
@@ -471,31 +472,47 @@ def check_model(model):
         )
 
 
+def relative_path(model, path):
+    """`path` without the model's own name in front.
+
+    A Sequential model built with an `Input` names its layers `"<model>/dense"`,
+    and the same model rebuilt by `load_model` names them `"dense"`: specs,
+    adapter files and trainable flags record paths relative to the model, so
+    that they mean the same layers before and after a reload.
+    """
+    prefix = f"{model.name}/"
+    return path[len(prefix) :] if path and path.startswith(prefix) else path
+
+
 def _layers_by_path(model):
+    """{relative path: layer} for the layers whose path is unique (full paths,
+    as keras-lora 0.1 recorded them, are accepted too)."""
     by_path = {}
     for layer in targets_lib.sublayers(model):
         if layer.path:
-            by_path.setdefault(layer.path, []).append(layer)
+            for path in {relative_path(model, layer.path), layer.path}:
+                by_path.setdefault(path, []).append(layer)
     return {path: found[0] for path, found in by_path.items() if len(found) == 1}
 
 
 def _path_checker(model):
-    """Returns `layer -> layer.path`, checked to name that layer only.
+    """Returns `layer -> its relative path`, checked to name that layer only.
 
     Adapters and specs are keyed by path, so a path shared by two layers (two
     nested models with equally named layers) must be an error, not a guess.
     """
-    counts = {}
-    for lyr in targets_lib.sublayers(model):
-        counts[lyr.path] = counts.get(lyr.path, 0) + 1
+    counts = collections.Counter(
+        relative_path(model, lyr.path) for lyr in targets_lib.sublayers(model)
+    )
 
     def unique_path(layer):
-        if not layer.path or counts.get(layer.path) != 1:
+        path = relative_path(model, layer.path)
+        if not path or counts[path] != 1:
             raise ValueError(
                 f"Layer '{layer.name}' has no unique path in model '{model.name}' "
                 f"(path={layer.path!r}); give the layers distinct names."
             )
-        return layer.path
+        return path
 
     return unique_path
 
@@ -521,11 +538,13 @@ def _trainable_state(model):
     return {
         "model": model.trainable,
         "frozen_layers": [
-            lyr.path
+            relative_path(model, lyr.path)
             for lyr in targets_lib.sublayers(model)
             if not lyr.trainable and lyr.path
         ],
-        "frozen_variables": [v.path for v in model.weights if not v.trainable],
+        "frozen_variables": [
+            relative_path(model, v.path) for v in model.weights if not v.trainable
+        ],
     }
 
 
@@ -538,9 +557,10 @@ def _restore_trainable(model, state):
     # recurses, so each child's own flag is set after its parent's.
     for layer in targets_lib.sublayers(model):
         if layer.path:  # an InputLayer has none: its parent's flag it keeps
-            set_trainable(layer, layer.path not in frozen_layers)
+            frozen = relative_path(model, layer.path) in frozen_layers
+            set_trainable(layer, not frozen)
     for variable in model.weights:
-        variable.trainable = variable.path not in frozen_variables
+        variable.trainable = relative_path(model, variable.path) not in frozen_variables
 
 
 def _fresh_optimizer(model):

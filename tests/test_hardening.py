@@ -465,3 +465,30 @@ def test_disable_lora_after_reload_warns_that_heads_stay_trained(tmp_path):
     with keras_lora.disable_lora(model):
         assert np.abs(to_numpy(model.get_layer("head").bias) - 1).min() > 0
     np.testing.assert_array_equal(to_numpy(model.get_layer("head").bias), 1.0)
+
+
+def test_adapted_sequential_model_reloads(tmp_path):
+    # A Sequential model built with an Input names its layers "<model>/<layer>"
+    # and the reloaded one "<layer>": specs record paths relative to the model.
+    keras.utils.set_random_seed(4)
+    model = keras.Sequential(
+        [
+            keras.Input((8,)),
+            keras.layers.Dense(16, name="hidden"),
+            keras.layers.Dense(3, name="head"),
+        ],
+        name="seq",
+    )
+    model.get_layer("head").trainable = False
+    keras_lora.enable_lora(model, rank=2, targets=["hidden"])
+    keras_lora.lora_layers(model)[0].lora_b.assign(np.ones((2, 16), "float32"))
+    expected = to_numpy(model(X))
+    path = tmp_path / "seq.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    np.testing.assert_allclose(to_numpy(loaded(X)), expected, atol=1e-6)
+    keras_lora.save_adapter(model, tmp_path / "a.keras")
+    keras_lora.load_adapter(loaded, tmp_path / "a.keras")
+    keras_lora.merge_lora(loaded)
+    assert not loaded.get_layer("head").trainable  # the user's flag came back
+    np.testing.assert_allclose(to_numpy(loaded(X)), expected, atol=1e-5)

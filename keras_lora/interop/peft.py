@@ -17,7 +17,6 @@ import os
 import keras
 
 from keras_lora import adapted_model, named_adapters, transform
-from keras_lora import targets as targets_lib
 from keras_lora.interop import (
     architectures,
     factors,
@@ -88,7 +87,7 @@ def load_peft_adapter(model, path, name=None):
     grouped, saved = peft_reading.group_tensors(tensors, config)
     prefix, named = peft_reading.match_modules(grouped, context)
     peft_reading.check_targets(config, prefix, named, context)
-    unique_path = _path_checker(model)
+    unique_path = transform._path_checker(model)
     trained = peft_reading.saved_modules_plan(saved, prefix, context)
     plan = {}  # layer path -> (layer, lora config, A, B)
     for name, module in named.items():
@@ -373,23 +372,6 @@ def _resolve(model):
         "modules": architectures.modules(backbone, architecture),
         "is_task": backbone is not model,
     }
-
-
-def _path_checker(model):
-    """`layer -> layer.path`, checked to name that layer only (specs use paths)."""
-    counts = collections.Counter(
-        layer.path for layer in targets_lib.sublayers(model) if layer.path
-    )
-
-    def unique_path(layer):
-        if not layer.path or counts[layer.path] != 1:
-            raise ValueError(
-                f"Layer '{layer.name}' has no unique path in model '{model.name}' "
-                f"(path={layer.path!r}); give the layers distinct names."
-            )
-        return layer.path
-
-    return unique_path
 
 
 def _uses_reverse_projection(model):
