@@ -117,6 +117,9 @@ def _version():
 def main(argv=None):
     """Entry point of the `keras-lora` console script; returns the exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    from keras_lora.quiet import quiet_third_party_logs
+
+    quiet_third_party_logs()  # an application: hide TensorFlow's C++ logs
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     check = getattr(args.module, "check", None)
