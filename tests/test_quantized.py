@@ -318,3 +318,41 @@ def test_a_model_loaded_from_a_quantized_file(tmp_path):
     plain = keras.saving.load_model(tmp_path / "merged.keras")
     assert plain.get_layer("token_embedding").quantization_mode == "int8"
     assert np.abs(to_numpy(plain(x)) - live).max() < 0.05
+
+
+def test_peft_adapter_onto_an_int4_backbone(tmp_path, monkeypatch):
+    """A Hugging Face PEFT adapter loads onto a quantized KerasHub backbone."""
+    pytest.importorskip("peft")
+    import keras_hub
+
+    from keras_lora.interop import safetensors_io
+
+    # The PEFT tests' tiny Hugging Face models and adapters.
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(__file__), "interop"))
+    import test_peft as peft_tests
+
+    hf = peft_tests.make_hf_model("gpt2")
+    base_folder = peft_tests.save_base(hf, tmp_path / "base")
+    peft_tests.peft_adapter("gpt2", hf, tmp_path / "adapter")
+    x = {"token_ids": np.array([[1, 2, 3, 4]]), "padding_mask": np.ones((1, 4))}
+    float_model = keras_hub.models.Backbone.from_preset(base_folder)
+    keras_lora.load_peft_adapter(float_model, tmp_path / "adapter")
+    backbone = keras_hub.models.Backbone.from_preset(base_folder)
+    backbone.quantize("int4")
+    keras_lora.load_peft_adapter(backbone, tmp_path / "adapter")
+    assert all(
+        lyr.quantization_mode == "int4" for lyr in keras_lora.lora_layers(backbone)
+    )
+    # Within int4's error of the float model with the same adapter.
+    expected = to_numpy(float_model(x))
+    assert np.abs(to_numpy(backbone(x)) - expected).max() < 0.1 * np.abs(expected).max()
+    keras_lora.save_peft_adapter(
+        backbone, tmp_path / "out", module_prefix="transformer."
+    )
+    original, _ = safetensors_io.read(
+        tmp_path / "adapter" / "adapter_model.safetensors"
+    )
+    written, _ = safetensors_io.read(tmp_path / "out" / "adapter_model.safetensors")
+    assert sorted(original) == sorted(written)
+    for key in original:
+        np.testing.assert_array_equal(original[key], written[key])
