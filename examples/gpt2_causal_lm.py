@@ -21,6 +21,7 @@ folder that is removed at the end).
 
     python examples/gpt2_causal_lm.py
     python examples/gpt2_causal_lm.py --smoke
+    python examples/gpt2_causal_lm.py --quantize int8    # QLoRA-style
     KERAS_BACKEND=tensorflow python examples/gpt2_causal_lm.py --preset ./my_gpt2_preset
 """
 
@@ -99,6 +100,12 @@ def parse_args(argv=None):
         help=f"output folder (default: ./{OUT}; with --smoke, a temporary "
         "folder removed at the end)",
     )
+    parser.add_argument(
+        "--quantize",
+        choices=("int8", "int4"),
+        help="QLoRA-style: quantize the base first (the factors stay float32; "
+        "the merged file is re-quantized the same way)",
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny run (tests)")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -134,6 +141,9 @@ def run(args, out):
             shuffle=False,  # KerasHub feeds tf.data, which ignores it (warning)
             verbose=0,
         )
+    if args.quantize:
+        # The frozen base in int8/int4 (Keras's own quantization), then LoRA.
+        model.backbone.quantize(args.quantize)
     model.compile(sampler="greedy")
     before = model.generate(args.prompt, max_length=args.max_length)
 
@@ -154,7 +164,12 @@ def run(args, out):
         batch_size=8,
         shuffle=False,  # as above
         verbose=0 if args.smoke else 2,
-        callbacks=[keras_lora.MergeLoRA(merged_path)],  # export when fit ends
+        # Export when fit ends; a quantized base stays quantized in the file.
+        callbacks=[
+            keras_lora.MergeLoRA(
+                merged_path, quantize="same" if args.quantize else None
+            )
+        ],
     )
     loss_after = _loss(model, lines)
     after = model.generate(args.prompt, max_length=args.max_length)

@@ -21,6 +21,9 @@ class MergeLoRA(keras.callbacks.Callback):
         save_best_only: export whenever `monitor` improves at an epoch end,
             instead of once when training ends.
         verbose: 1 prints a line for each export.
+        dtype: passed to `export_merged` (e.g. `"float32"` on a bf16 base).
+        quantize: passed to `export_merged`: `"same"` keeps a quantized
+            base quantized in the file (int8/int4), None writes float.
 
     Example:
 
@@ -34,6 +37,8 @@ class MergeLoRA(keras.callbacks.Callback):
         mode="auto",
         save_best_only=False,
         verbose=0,
+        dtype=None,
+        quantize=None,
     ):
         super().__init__()
         if not isinstance(filepath, str) or not filepath.endswith(".keras"):
@@ -53,6 +58,7 @@ class MergeLoRA(keras.callbacks.Callback):
         self.mode = mode
         self.save_best_only = save_best_only
         self.verbose = verbose
+        self.export_options = {"dtype": dtype, "quantize": quantize}
         self.best = None
         self.exported = []  # paths written, in order
         self._last_logs = {}
@@ -81,7 +87,7 @@ class MergeLoRA(keras.callbacks.Callback):
 
     def _export(self):
         path = self.filepath.format(epoch=self._epoch + 1, **self._last_logs)
-        export_merged(self.model, path)
+        export_merged(self.model, path, **self.export_options)
         self.exported.append(path)
         if self.verbose:
             print(f"MergeLoRA: exported the merged model to {path}")

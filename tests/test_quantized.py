@@ -212,8 +212,13 @@ def test_merge_callback_on_int4(tmp_path):
     model, targets = quantized_base("dense", "int4")
     keras_lora.enable_lora(model, rank=4, targets=targets)
     compile_(model)
-    path = str(tmp_path / "merged.keras")
-    model.fit(x, y, epochs=1, verbose=0, callbacks=[keras_lora.MergeLoRA(path)])
+    path, small = str(tmp_path / "merged.keras"), str(tmp_path / "merged-q.keras")
+    callbacks = [
+        keras_lora.MergeLoRA(path),
+        keras_lora.MergeLoRA(small, quantize="same"),
+    ]
+    model.fit(x, y, epochs=1, verbose=0, callbacks=callbacks)
+    assert keras.saving.load_model(small).get_layer("head").quantization_mode == "int4"
     # int4 is weight-only: the float export equals the live model.
     np.testing.assert_allclose(
         to_numpy(keras.saving.load_model(path)(x)),
