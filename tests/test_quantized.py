@@ -361,3 +361,27 @@ def test_peft_adapter_onto_an_int4_backbone(tmp_path, monkeypatch):
     assert sorted(original) == sorted(written)
     for key in original:
         np.testing.assert_array_equal(original[key], written[key])
+
+
+def test_export_float32_keeps_a_small_update_on_a_bf16_base(tmp_path):
+    """Rounding W + s·A·B to bf16 loses a small update; dtype="float32" keeps it."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((64,))
+    head = keras.layers.Dense(64, dtype="bfloat16", use_bias=False, name="head")
+    model = keras.Model(inputs, head(inputs))
+    keras_lora.enable_lora(model, rank=4, targets=["head"])
+    layer = model.get_layer("head")
+    layer.lora_b.assign(np.full(layer.lora_b.shape, 1e-3, "float32"))
+    x = np.random.default_rng(0).random((4, 64)).astype("float32")
+    kernel = to_numpy(layer.merged_kernel("float32"))  # bf16 W + ΔW, in float32
+    exact = x @ kernel
+    errors = {}
+    for dtype in (None, "float32"):
+        path = str(tmp_path / f"{dtype}.keras")
+        keras_lora.export_merged(model, path, dtype=dtype)
+        plain = keras.saving.load_model(path)
+        if dtype:
+            assert plain.get_layer("head").dtype_policy.name == "float32"
+        outputs = to_numpy(plain(x)).astype("float32")
+        errors[dtype] = np.abs(outputs - exact).max()
+    assert errors["float32"] < 1e-4 < errors[None], errors
