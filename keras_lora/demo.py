@@ -46,6 +46,7 @@ DEFAULTS = dict(
     sample_length=40,
     prompt="Monday.",
     seed=0,
+    quantize=None,
 )
 TARGETS = {"all-linear": "all-linear", "qv": None}  # --targets -> enable_lora
 # The base model built from a config (ignored with --preset).
@@ -219,6 +220,20 @@ def run(args, print_fn=print):
     _compile(model, 1e-3)  # a fresh optimizer: base.keras carries no Adam state
     if not args.preset:
         model.save(base_path)
+    quantize = getattr(args, "quantize", None)
+    quantization_error = 0.0
+    if quantize:
+        float_logits = _logits(model, target[0])
+        weight_bytes = _weight_bytes(model)
+        print_fn(f"  model.quantize({quantize!r}): LoRA on a quantized base (QLoRA)")
+        _quantize(model, quantize)
+        _compile(model, 1e-3)
+        # What quantizing alone changes: the yardstick for the merged export,
+        # which is re-quantized after W + s·A·B is folded in.
+        quantization_error = float(
+            np.abs(_logits(model, target[0]) - float_logits).max()
+        )
+        weight_ratio = _weight_bytes(model) / weight_bytes
     loss_before = _mean_loss(_logits(model, target[0]), target[1])
     sample_before = _generate(model, args.prompt, args.sample_length)
 
@@ -243,7 +258,11 @@ def run(args, print_fn=print):
 
     print_fn("3/4 save_adapter and export_merged")
     adapter_path = keras_lora.save_adapter(model, os.path.join(out, "adapter.keras"))
-    merged_path = keras_lora.export_merged(model, os.path.join(out, "merged.keras"))
+    merged_path = keras_lora.export_merged(
+        model,
+        os.path.join(out, "merged.keras"),
+        quantize="same" if quantize else None,
+    )
 
     print_fn(
         "4/4 Reloading merged.keras with plain keras.saving.load_model, and "
@@ -259,6 +278,8 @@ def run(args, print_fn=print):
             fresh = keras_hub.models.CausalLM.from_preset(args.preset)
         else:
             fresh = keras.saving.load_model(base_path, compile=False)
+    if quantize:
+        _quantize(fresh, quantize)  # the same base: quantizing is deterministic
     keras_lora.load_adapter(fresh, adapter_path)
     adapter_diff = float(np.abs(_logits(fresh, target[0]) - expected).max())
 
@@ -289,7 +310,13 @@ def run(args, print_fn=print):
         "merged_has_no_lora_names": not _has_lora_names(merged_path),
         "merged_reload_max_abs_diff": merged_diff,
         "adapter_reload_max_abs_diff": adapter_diff,
-        "merged_matches": merged_diff < TOLERANCE,
+        "quantize": quantize,
+        "quantization_max_abs_diff": quantization_error,
+        "quantized_weight_ratio": weight_ratio if quantize else None,
+        # A re-quantized merge differs from the live model by about what
+        # quantizing the base did: within twice that counts as the same.
+        "merged_tolerance": TOLERANCE + 2 * quantization_error,
+        "merged_matches": merged_diff < TOLERANCE + 2 * quantization_error,
         "adapter_matches": adapter_diff < TOLERANCE,
         "lora_train_seconds": train_seconds,
         "total_seconds": time.time() - started,
@@ -302,6 +329,22 @@ def run(args, print_fn=print):
     print_fn("")
     print_fn(markdown)
     return report
+
+
+def _quantize(model, mode):
+    """`model.quantize(mode)` on the backbone (a task's preprocessor has no
+    weights to quantize), without Keras's warning for each layer that has
+    none either."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have a `quantize`")
+        getattr(model, "backbone", model).quantize(mode)
+
+
+def _weight_bytes(model):
+    return sum(
+        math.prod(v.shape) * np.dtype(keras.backend.standardize_dtype(v.dtype)).itemsize
+        for v in model.weights
+    )
 
 
 def _size(n):
@@ -329,6 +372,15 @@ def format_report(r):
         f"KERAS_BACKEND={r['backend']}",
         f"- LoRA: rank {r['rank']} on {len(r['adapted_layers'])} layers "
         f"({where.get(r['targets'], r['targets'])})",
+        *(
+            [
+                f"- base quantized with `model.quantize({r['quantize']!r})`: weights "
+                f"{r['quantized_weight_ratio']:.2f}x their float size; logits moved "
+                f"by at most {r['quantization_max_abs_diff']:.2e}"
+            ]
+            if r.get("quantize")
+            else []
+        ),
         f"- trainable params: {r['trainable_params']:,} of {r['total_params']:,} "
         f"({r['trainable_percent']:.2f}%)",
         f"- loss on the target text: {r['target_loss_before']:.3f} -> "
@@ -342,7 +394,13 @@ def format_report(r):
         f"{r['merged_bytes'] / r['adapter_bytes']:.0f}x the adapter",
         f"- merged model reloaded with plain `keras.saving.load_model`: "
         f"same outputs: {ok[r['merged_matches']]} (max |diff| "
-        f"{r['merged_reload_max_abs_diff']:.1e}); no LoRA layer or name in it: "
+        f"{r['merged_reload_max_abs_diff']:.1e}"
+        + (
+            f", re-quantized: within {r['merged_tolerance']:.1e}"
+            if r.get("quantize")
+            else ""
+        )
+        + "); no LoRA layer or name in it: "
         f"{ok[r['merged_has_no_lora_names']]}",
         f"- adapter loaded onto a fresh copy of the base: same outputs: "
         f"{ok[r['adapter_matches']]} (max |diff| "

@@ -80,6 +80,24 @@ def test_demo_files_are_what_they_claim(demo_run):
     assert keras_lora.lora_layers(base)
 
 
+def test_demo_on_an_int8_base(tmp_path):
+    out = tmp_path / "q"
+    argv = ["demo", "--out", str(out), "--quantize", "int8", "--epochs", "2"]
+    argv += ["--pretrain-epochs", "0", "--sequence-length", "16"]
+    assert cli.main([*argv, "--sample-length", "8"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["quantize"] == "int8" and report["quantized_weight_ratio"] < 0.5
+    assert report["adapter_matches"]  # the fresh base quantizes identically
+    assert report["merged_matches"]  # re-quantized, within 2x the base's error
+    assert report["target_loss_after"] < report["target_loss_before"]
+    merged = keras.saving.load_model(out / "merged.keras", compile=False)
+    modes = {
+        getattr(layer, "quantization_mode", None) for layer in merged._flatten_layers()
+    }
+    assert "int8" in modes  # the export stayed quantized
+    assert "model.quantize('int8')" in (out / "report.md").read_text()
+
+
 @pytest.mark.parametrize(
     "argv,message",
     [
@@ -91,6 +109,7 @@ def test_demo_files_are_what_they_claim(demo_run):
         (["demo", "--pretrain-epochs", "-2"], "must be 0 or more"),
         (["demo", "--sequence-length", "500"], "must be at most 128"),
         (["demo", "--targets", "everything"], "invalid choice: 'everything'"),
+        (["demo", "--quantize", "float8"], "invalid choice: 'float8'"),
         (["demo", "--prompt", "  "], "--prompt must not be empty"),
     ],
 )

@@ -89,6 +89,13 @@ def add_arguments(parser):
         default=DEFAULTS["seed"],
         help="random seed (default: %(default)s)",
     )
+    parser.add_argument(
+        "--quantize",
+        choices=["int8", "int4"],
+        default=DEFAULTS["quantize"],
+        help="quantize the pre-trained base with model.quantize before LoRA "
+        "(QLoRA); the merged export is re-quantized the same way (default: float)",
+    )
     parser.set_defaults(max_sequence_length=MODEL_CONFIG["max_sequence_length"])
 
 
