@@ -248,9 +248,6 @@ class AdapterSet:
             total = delta if total is None else ops.add(total, delta)
         return total
 
-    def _lora_current_adapter(self):
-        return self._lora_current or self.lora_adapter(self._lora_primary)
-
     def lora_active_pairs(self):
         """The active `(name, weight)` pairs, the fast path spelled out."""
         if self._lora_active is None:
