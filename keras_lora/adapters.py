@@ -31,7 +31,7 @@ from keras_lora import named_adapters, transform
 from keras_lora.io_utils import atomic_write, check_keras_path
 from keras_lora.layers.adapter_set import check_adapter_name
 from keras_lora.safe_files import MAX_JSON_BYTES, read_flat_dataset, read_member
-from keras_lora.spec import LAYER_KEYS, check_spec
+from keras_lora.spec import LAYER_KEYS, OPTIONAL_KEYS, check_spec
 
 FORMAT = "keras-lora-adapter"
 FORMAT_VERSION = 1
@@ -358,7 +358,11 @@ def _file_spec(spec):
     return {
         **{key: spec[key] for key in ("version", "targets", "train_layers")},
         "layers": {
-            path: {key: config[key] for key in LAYER_KEYS}
+            path: {
+                key: config[key]
+                for key in LAYER_KEYS + OPTIONAL_KEYS
+                if key in LAYER_KEYS or config.get(key)
+            }
             for path, config in spec["layers"].items()
         },
     }
@@ -387,18 +391,18 @@ def _check_same_adaptation(model, current, spec, filepath):
                 f"model '{model.name}'. Load it onto a fresh base model, or "
                 "under a new name (`load_adapter(..., name=...)`)."
             )
-        for field in ("rank", "alpha", "use_rslora"):
+        for field in ("rank", "alpha", "use_rslora", "use_dora"):
             # alpha=None means alpha=rank: the same scale.
             if _effective(ours, field) != _effective(layer_config, field):
                 raise ValueError(
-                    f"Layer '{path}' has {field}={ours[field]!r} in model "
-                    f"'{model.name}' but {field}={layer_config[field]!r} in "
-                    f"'{filepath}'."
+                    f"Layer '{path}' has {field}={_effective(ours, field)!r} in "
+                    f"model '{model.name}' but "
+                    f"{field}={_effective(layer_config, field)!r} in '{filepath}'."
                 )
 
 
 def _effective(layer_config, field):
-    value = layer_config[field]
+    value = layer_config.get(field, False)
     return layer_config["rank"] if field == "alpha" and value is None else value
 
 

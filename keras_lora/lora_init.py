@@ -12,6 +12,25 @@ the base model exactly before the first step.
 import keras
 
 INITS = ("default", "gaussian")
+# Inits that move part of W into the factors (the layer's `init` argument):
+# the layer keeps its starting factors, frozen, as `lora_a_initial` /
+# `lora_b_initial`.
+RESIDUAL_INITS = ("pissa", "olora")
+
+
+def check_layer_init(init):
+    """Returns a LoRA layer's `init` (None or a residual init), else raises."""
+    if init is not None and init not in RESIDUAL_INITS:
+        raise ValueError(
+            f"A LoRA layer's `init` must be None or one of {list(RESIDUAL_INITS)}. "
+            f"Received: init={init!r}"
+        )
+    return init
+
+
+def initialize_layer(layer):
+    """Moves W's principal part into the factors (`layer.lora_init`)."""
+    raise NotImplementedError("PiSSA/OLoRA: being written")
 
 
 def check_init(init):

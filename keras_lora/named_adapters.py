@@ -291,6 +291,8 @@ def adapter_variables(model, name):
         adapter = by_path[path].lora_adapter(name)
         entries[f"{path}/lora_a"] = (adapter.a, None)
         entries[f"{path}/lora_b"] = (adapter.b, None)
+        if by_path[path].use_dora:  # only a layer's one adapter can be DoRA
+            entries[f"{path}/lora_magnitude"] = (by_path[path].lora_magnitude, None)
     heads = model._keras_lora_heads
     stored = heads["stored"].get(name, {})
     base = model._keras_lora_base_values or {}
@@ -409,6 +411,8 @@ def _activate(model, pairs, structure_changed=False, move_heads=True):
             for name, _ in mine:
                 adapter = layer.lora_adapter(name)
                 factors += [adapter.a, adapter.b]
+                if layer.use_dora and name == layer._lora_primary:
+                    factors.append(layer.lora_magnitude)
     transform.set_trainable(model, True)
     transform._freeze_all_but(
         model, adapted, [by_path[p] for p in owners], factors=factors

@@ -4,7 +4,7 @@ A spec is recorded on every adapted model and travels in adapter files and in
 saved models:
 
     {"version": 1, "targets": ..., "layers": {path: {"rank", "alpha",
-     "dropout", "use_rslora"}}, "train_layers": [path, ...]}
+     "dropout", "use_rslora"[, "use_dora"]}}, "train_layers": [path, ...]}
 
 Adapter files come from strangers, so `check_spec` validates every key, type
 and value before a model is touched: an unknown key (an initializer injected
@@ -16,7 +16,13 @@ from keras_lora.layers import lora_math
 SPEC_VERSION = 1
 
 LAYER_KEYS = ("rank", "alpha", "dropout", "use_rslora")
-# Initializers are recorded by `load_peft_adapter` (zeros: the values are
+# Optional per-layer keys: DoRA (absent means False; files written before
+# DoRA lack it). `init` (PiSSA/OLoRA) lives only in a model's own config: the
+# adapter file of such a model is converted to apply to the original base.
+OPTIONAL_KEYS = ("use_dora",)
+MODEL_ONLY_KEYS = (
+    "init",
+)  # Initializers are recorded by `load_peft_adapter` (zeros: the values are
 # assigned right after) and travel in a saved model's own config; adapter
 # files never carry them.
 INITIALIZER_KEYS = ("a_initializer", "b_initializer")
@@ -33,7 +39,8 @@ def check_spec(spec, source, allow_initializers=False):
         spec: the decoded JSON spec.
         source: what it came from, for messages (e.g. "'task.keras'").
         allow_initializers: accept per-layer `a_initializer`/`b_initializer`
-            (a model's own config); adapter files may not carry them.
+            and `init` (a model's own config); adapter files may not carry
+            them.
 
     Returns:
         The spec without legacy keys.
@@ -71,7 +78,9 @@ def check_spec(spec, source, allow_initializers=False):
     layers = spec["layers"]
     if not isinstance(layers, dict) or not layers:
         fail("layers", "must be a non-empty object {layer path: settings}", layers)
-    allowed = LAYER_KEYS + (INITIALIZER_KEYS if allow_initializers else ())
+    allowed = LAYER_KEYS + OPTIONAL_KEYS
+    if allow_initializers:
+        allowed += INITIALIZER_KEYS + MODEL_ONLY_KEYS
     clean_layers = {}
     for path, config in layers.items():
         field = f"layers[{path!r}]"
@@ -83,6 +92,10 @@ def check_spec(spec, source, allow_initializers=False):
             fail(field, f"must have exactly the keys {list(allowed)}", config)
         if not isinstance(config["use_rslora"], bool):
             fail(f"{field}.use_rslora", "must be a bool", config["use_rslora"])
+        if not isinstance(config.get("use_dora", False), bool):
+            fail(f"{field}.use_dora", "must be a bool", config["use_dora"])
+        if config.get("init") not in (None, "pissa", "olora"):
+            fail(f"{field}.init", "must be null, 'pissa' or 'olora'", config["init"])
         for key in INITIALIZER_KEYS:
             if key in config and not isinstance(config[key], str):
                 fail(f"{field}.{key}", "must be an initializer name", config[key])

@@ -17,7 +17,7 @@ import numpy as np
 
 from keras_lora import adapted_model, distributed_torch, lora_init, patterns
 from keras_lora import targets as targets_lib
-from keras_lora.layers import lora_math, quantized
+from keras_lora.layers import dora, lora_math, quantized
 from keras_lora.layers.conv import LoRAConv1D, LoRAConv2D, LoRAConv3D
 from keras_lora.layers.dense import LoRADense
 from keras_lora.layers.einsum_dense import LoRAEinsumDense
@@ -82,6 +82,7 @@ def enable_lora(
     rank_pattern=None,
     alpha_pattern=None,
     init="default",
+    use_dora=False,
 ):
     """Adds LoRA to a built Keras model, in place, and freezes everything else.
 
@@ -107,8 +108,13 @@ def enable_lora(
         alpha_pattern: dict `{regular expression: alpha}`, per-layer alphas,
             same rule (a layer without one has `alpha`, or its own rank
             when `alpha` is None).
-        init: `"default"` (A He-uniform, B zero) or `"gaussian"` (A ~ N(0,
-            σ=1/r), B zero, as PEFT's); see `keras_lora/lora_init.py`.
+        init: `"default"` (A He-uniform, B zero), `"gaussian"` (A ~ N(0,
+            σ=1/r), B zero, as PEFT's), or `"pissa"`/`"olora"` (the factors
+            start from W's principal part, the residual stays in the frozen
+            kernel); see `keras_lora/lora_init.py`.
+        use_dora: bool; DoRA (Liu et al. 2024): each adapted layer also
+            trains a magnitude per output unit (`keras_lora/layers/dora.py`).
+            Dense, EinsumDense and convolution layers only.
 
     Returns:
         The same model object. Only the LoRA factors and the weights of
@@ -128,7 +134,12 @@ def enable_lora(
             "named adapter with `keras_lora.add_adapter`."
         )
     lora_init.check_init(init)
-    per_layer = {"rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern}
+    per_layer = {
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "use_dora": use_dora,
+        "init": init if init in lora_init.RESIDUAL_INITS else None,
+    }
     spec = build_spec(
         model, rank, alpha, targets, dropout, train_layers, use_rslora, **per_layer
     )
@@ -148,6 +159,8 @@ def build_spec(
     adapted_ok=False,
     rank_pattern=None,
     alpha_pattern=None,
+    use_dora=False,
+    init=None,
 ):
     """Checks `enable_lora`'s arguments and returns the spec they describe.
 
@@ -156,6 +169,8 @@ def build_spec(
             (a further named adapter goes beside their existing ones).
         rank_pattern, alpha_pattern: per-layer ranks and alphas
             (`keras_lora/patterns.py`), recorded per layer in the spec.
+        use_dora: DoRA on every selected layer (recorded when True).
+        init: None, or a residual init (`"pissa"`/`"olora"`), recorded.
     """
     rank = lora_math.check_rank(rank)
     lora_math.check_alpha(alpha, rank)
@@ -164,6 +179,8 @@ def build_spec(
         raise ValueError(
             f"`use_rslora` must be a bool. Received: use_rslora={use_rslora!r}"
         )
+    if not isinstance(use_dora, bool):
+        raise ValueError(f"`use_dora` must be a bool. Received: use_dora={use_dora!r}")
     selected = targets_lib.match_layers(model, targets, "targets")
     targets_lib.check_adaptable(
         [lyr for lyr in selected if not (adapted_ok and isinstance(lyr, LoRALayer))]
@@ -192,6 +209,10 @@ def build_spec(
             "dropout": dropout,
             "use_rslora": use_rslora,
         }
+        if use_dora:
+            layers[path]["use_dora"] = True
+        if init is not None:
+            layers[path]["init"] = init
     return {
         "version": SPEC_VERSION,
         "targets": targets
@@ -307,12 +328,20 @@ def _freeze_all_but(model, adapted, trained, factors=None):
     # trainable as its own layer made them (BatchNorm statistics are not).
     trained_ids = {id(v) for layer in trained for v in head_weights(layer)}
     if factors is None:
-        factors = [v for lyr in adapted for v in (lyr.lora_a, lyr.lora_b)]
+        factors = [v for lyr in adapted for v in trainable_lora_variables(lyr)]
     factors = {id(v) for v in factors}
     for variable in model.weights:
         variable.trainable = id(variable) in factors or (
             id(variable) in trained_ids and variable.trainable
         )
+
+
+def trainable_lora_variables(layer):
+    """The primary adapter's trained variables: A, B (and DoRA's magnitude)."""
+    trained = [layer.lora_a, layer.lora_b]
+    if layer.use_dora:
+        trained.append(layer.lora_magnitude)
+    return trained
 
 
 def _with_relatives(model, chosen):
@@ -408,6 +437,12 @@ def disable_lora(model):
         (adapter.b, np.zeros(adapter.b.shape, "float32"))
         for layer in layers
         for adapter in map(layer.lora_adapter, layer.lora_adapter_names)
+    ]
+    # DoRA: with B = 0 the layer computes m·W/‖W‖, which is W when m = ‖W‖.
+    swaps += [
+        (layer.lora_magnitude, dora.base_norm(layer))
+        for layer in layers
+        if layer.use_dora
     ]
     heads = getattr(model, "_keras_lora_heads", {"owner": {}})["owner"]
     owned = [path for path, owner in heads.items() if owner is not None]

@@ -108,6 +108,8 @@ class AdapterSet:
         use_rslora=False,
         a_initializer="he_uniform",
         b_initializer="zeros",
+        use_dora=False,
+        init=None,
     ):
         """Adds an adapter beside the existing ones (its update starts at 0).
 
@@ -115,8 +117,18 @@ class AdapterSet:
             name: a new adapter name (letters, digits, underscores).
             rank, alpha, dropout, use_rslora, a_initializer, b_initializer:
                 as in the layer's constructor.
+            use_dora, init: must be False and None: DoRA and PiSSA/OLoRA
+                adapters are a layer's only adapter.
         """
         check_adapter_name(name)
+        if self.use_dora or use_dora or self.lora_init or init:
+            raise ValueError(
+                f"Layer '{self.path}' cannot hold a further adapter {name!r} "
+                "beside a DoRA or PiSSA/OLoRA adapter: DoRA's update is not "
+                "additive and PiSSA/OLoRA change the base kernel. Received: "
+                f"use_dora={self.use_dora or use_dora}, "
+                f"init={self.lora_init or init!r}"
+            )
         if name in self.lora_adapter_names:
             raise ValueError(f"Layer '{self.path}' already has adapter {name!r}.")
         rank = lora_math.check_rank(rank)

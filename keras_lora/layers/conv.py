@@ -49,11 +49,22 @@ class _LoRAConv(LoRALayer):
         use_rslora=False,
         a_initializer="he_uniform",
         b_initializer="zeros",
+        use_dora=False,
+        init=None,
         **kwargs,
     ):
         super().__init__(filters, kernel_size, **kwargs)
         _check_groups(self.groups, self.name)
-        self._init_lora(rank, alpha, dropout, use_rslora, a_initializer, b_initializer)
+        self._init_lora(
+            rank,
+            alpha,
+            dropout,
+            use_rslora,
+            a_initializer,
+            b_initializer,
+            use_dora,
+            init,
+        )
 
     @contextlib.contextmanager
     def _spatial_rank(self):
@@ -100,6 +111,14 @@ class _LoRAConv(LoRALayer):
 
     def call(self, inputs, training=None):
         return self._lora_forward(_base_call, inputs, training)
+
+    def _lora_kernel_input_axes(self):
+        return tuple(range(len(self.kernel_size) + 1))  # spatial and in_channels
+
+    def _lora_output_view(self, vector):
+        if self.data_format == "channels_first":  # (filters, 1, ..., 1)
+            return ops.reshape(vector, (-1,) + (1,) * len(self.kernel_size))
+        return vector
 
     def _lora_delta(self, inputs, training):
         a, b = self._lora_factors()
@@ -149,6 +168,10 @@ _DOC = """{base} layer with a frozen kernel and a trainable rank-r update.
         use_rslora: bool; scale by `alpha / sqrt(rank)` (rsLoRA) instead.
         a_initializer: initializer of A (`"he_uniform"`).
         b_initializer: initializer of B (`"zeros"`).
+        use_dora: bool; DoRA (weight-decomposed LoRA): a trainable magnitude
+            per output unit rescales W + s·ΔW (see `layers/dora.py`).
+        init: None, or `"pissa"`/`"olora"` to start the factors from W's
+            principal part and freeze the residual (see `lora_init.py`).
         **kwargs: any `keras.layers.{base}` argument (`strides`, `padding`,
             `data_format`, `dilation_rate`, `activation`, `name`, ...).
 

@@ -33,6 +33,10 @@ class LoRADense(LoRALayer, keras.layers.Dense):
         use_rslora: bool; scale by `alpha / sqrt(rank)` (rsLoRA) instead.
         a_initializer: initializer of A (`"he_uniform"`).
         b_initializer: initializer of B (`"zeros"`).
+        use_dora: bool; DoRA (weight-decomposed LoRA): a trainable magnitude
+            per output unit rescales W + s·ΔW (see `layers/dora.py`).
+        init: None, or `"pissa"`/`"olora"` to start the factors from W's
+            principal part and freeze the residual (see `lora_init.py`).
         **kwargs: any `keras.layers.Dense` argument (`activation`,
             `use_bias`, `kernel_initializer`, `name`, `dtype`, ...).
 
@@ -55,10 +59,21 @@ class LoRADense(LoRALayer, keras.layers.Dense):
         use_rslora=False,
         a_initializer="he_uniform",
         b_initializer="zeros",
+        use_dora=False,
+        init=None,
         **kwargs,
     ):
         super().__init__(units, **kwargs)
-        self._init_lora(rank, alpha, dropout, use_rslora, a_initializer, b_initializer)
+        self._init_lora(
+            rank,
+            alpha,
+            dropout,
+            use_rslora,
+            a_initializer,
+            b_initializer,
+            use_dora,
+            init,
+        )
 
     def build(self, input_shape):
         super().build(input_shape)

@@ -98,6 +98,10 @@ class LoRAEinsumDense(LoRALayer, keras.layers.EinsumDense):
         use_rslora: bool; scale by `alpha / sqrt(rank)` instead.
         a_initializer: initializer of A (`"he_uniform"`).
         b_initializer: initializer of B (`"zeros"`).
+        use_dora: bool; DoRA (weight-decomposed LoRA): a trainable magnitude
+            per output unit rescales W + s·ΔW (see `layers/dora.py`).
+        init: None, or `"pissa"`/`"olora"` to start the factors from W's
+            principal part and freeze the residual (see `lora_init.py`).
         **kwargs: any `EinsumDense` argument (`bias_axes`, `activation`, ...).
 
     Example:
@@ -123,11 +127,22 @@ class LoRAEinsumDense(LoRALayer, keras.layers.EinsumDense):
         use_rslora=False,
         a_initializer="he_uniform",
         b_initializer="zeros",
+        use_dora=False,
+        init=None,
         **kwargs,
     ):
         split_einsum_equation(equation)  # fail early on an unsupported equation
         super().__init__(equation, output_shape, **kwargs)
-        self._init_lora(rank, alpha, dropout, use_rslora, a_initializer, b_initializer)
+        self._init_lora(
+            rank,
+            alpha,
+            dropout,
+            use_rslora,
+            a_initializer,
+            b_initializer,
+            use_dora,
+            init,
+        )
 
     def build(self, input_shape):
         super().build(input_shape)
@@ -148,6 +163,32 @@ class LoRAEinsumDense(LoRALayer, keras.layers.EinsumDense):
     @property
     def lora_merge_equation(self):
         return self._lora_equations["merge"]
+
+    def _lora_kernel_input_axes(self):
+        kernel, inputs = self._lora_equations["kernel"], self._lora_equations
+        return tuple(kernel.index(c) for c in inputs["input_axes"])
+
+    def _lora_output_view(self, vector):
+        """A tensor over the kernel's non-input axes (kernel order), laid out
+        to broadcast against the output: its axes in the output's order, with
+        1 for every output axis the kernel does not have after the first."""
+        kernel = self._lora_equations["kernel"]
+        letters = [c for c in kernel if c not in self._lora_equations["input_axes"]]
+        output = self._lora_equations["up"].split("->")[1]
+        tail = output[min(output.index(c) for c in letters) :]
+        if "..." in tail:
+            raise ValueError(
+                f"DoRA cannot broadcast its magnitude over the output of layer "
+                f"'{self.name}'. Received: equation={self.equation!r}"
+            )
+        ordered = sorted(letters, key=tail.index)
+        if ordered != letters:
+            vector = ops.transpose(vector, [letters.index(c) for c in ordered])
+        sizes = dict(zip(ordered, ops.shape(vector)))
+        return ops.reshape(vector, tuple(sizes.get(c, 1) for c in tail))
+
+    def _lora_output_bias(self):
+        return self.bias  # Keras shapes it to broadcast against the output
 
     def _lora_is_matmul(self):
         """True if the LoRA path is `reshape(x, (-1, d_in)) @ A @ B` reshaped.

@@ -28,10 +28,21 @@ class _LoRALookup(LoRALayer):
         use_rslora=False,
         a_initializer=EMBEDDING_A_INITIALIZER,
         b_initializer=EMBEDDING_B_INITIALIZER,
+        use_dora=False,
+        init=None,
         **kwargs,
     ):
         super().__init__(input_dim, output_dim, **kwargs)
-        self._init_lora(rank, alpha, dropout, use_rslora, a_initializer, b_initializer)
+        self._init_lora(
+            rank,
+            alpha,
+            dropout,
+            use_rslora,
+            a_initializer,
+            b_initializer,
+            use_dora,
+            init,
+        )
 
     def build(self, input_shape=None):
         super().build(input_shape)
@@ -75,9 +86,19 @@ class _LoRALookup(LoRALayer):
         use_rslora=False,
         a_initializer=EMBEDDING_A_INITIALIZER,
         b_initializer=EMBEDDING_B_INITIALIZER,
+        use_dora=False,
+        init=None,
     ):
         return super().adapt(
-            layer, rank, alpha, dropout, use_rslora, a_initializer, b_initializer
+            layer,
+            rank,
+            alpha,
+            dropout,
+            use_rslora,
+            a_initializer,
+            b_initializer,
+            use_dora,
+            init,
         )
 
 

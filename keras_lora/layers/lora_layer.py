@@ -18,7 +18,8 @@ import math
 import keras
 from keras import ops
 
-from keras_lora.layers import layouts, lora_math, quantized
+from keras_lora import lora_init
+from keras_lora.layers import dora, layouts, lora_math, quantized
 from keras_lora.layers.adapter_set import AdapterSet
 
 # Instance attributes a LoRA layer adds to its base layer.
@@ -28,6 +29,8 @@ _LORA_ATTRIBUTES = (
     "_alpha_arg",
     "dropout",
     "use_rslora",
+    "use_dora",
+    "lora_init",
     "a_initializer",
     "b_initializer",
     "lora_scale",
@@ -60,6 +63,8 @@ class LoRALayer(AdapterSet):
         use_rslora,
         a_initializer,
         b_initializer,
+        use_dora=False,
+        init=None,
     ):
         if getattr(self, "lora_rank", None):
             raise ValueError(
@@ -77,6 +82,8 @@ class LoRALayer(AdapterSet):
                 f"`use_rslora` must be a bool. Received: use_rslora={use_rslora!r}"
             )
         self.use_rslora = use_rslora
+        self.use_dora = dora.check_use_dora(use_dora, self)
+        self.lora_init = lora_init.check_layer_init(init)
         self.a_initializer = keras.initializers.get(a_initializer)
         self.b_initializer = keras.initializers.get(b_initializer)
         self.lora_scale = lora_math.lora_scale(self.rank, self.alpha, use_rslora)
@@ -108,6 +115,34 @@ class LoRALayer(AdapterSet):
                     dtype="float32",
                     trainable=True,
                 )
+                if self.lora_init is not None:
+                    # PiSSA/OLoRA: the factors' starting values, kept (frozen)
+                    # to save adapters that apply to the original base.
+                    self.lora_a_initial = self.add_weight(
+                        name="lora_a_initial",
+                        shape=a_shape,
+                        initializer="zeros",
+                        dtype="float32",
+                        trainable=False,
+                    )
+                    self.lora_b_initial = self.add_weight(
+                        name="lora_b_initial",
+                        shape=b_shape,
+                        initializer="zeros",
+                        dtype="float32",
+                        trainable=False,
+                    )
+            if self.lora_init is not None:
+                lora_init.initialize_layer(self)
+            if self.use_dora:
+                self.lora_magnitude = self.add_weight(
+                    name="lora_magnitude",
+                    shape=dora.magnitude_shape(self),
+                    initializer="zeros",
+                    dtype="float32",
+                    trainable=True,
+                )
+                dora.reset_magnitude(self)
             self.lora_seed_generator = (
                 keras.random.SeedGenerator(name="lora_seed")
                 if self.dropout > 0
@@ -140,19 +175,45 @@ class LoRALayer(AdapterSet):
         return self._lora_forward(self._lora_base.quantized_call, inputs, training)
 
     def _lora_forward(self, base_call, inputs, training):
+        activation = self.activation
+        outputs = self._lora_base_outputs(base_call, inputs, training)
+        if self.use_dora and self._lora_active is None:
+            outputs = dora.outputs(self, base_call, outputs, inputs, training)
+        else:
+            if self.use_dora and self._lora_active:
+                dora.check_active(self)
+            delta = self._lora_total_delta(inputs, training)
+            if delta is not None:  # None: no adapter active on this layer
+                outputs = ops.add(outputs, delta)
+        return outputs if activation is None else activation(outputs)
+
+    def _lora_base_outputs(self, base_call, inputs, training):
+        """The base class's output before its activation."""
         # Keras applies the activation inside `call`; the update must come
         # before it, so the base runs without it. (Keras's `RematScope`
         # "activations" mode swaps `self.activation` the same way.)
         activation = self.activation
         self.activation = None
         try:
-            outputs = base_call(self, inputs, training=training)
+            return base_call(self, inputs, training=training)
         finally:
             self.activation = activation
-        delta = self._lora_total_delta(inputs, training)
-        if delta is not None:  # None: no adapter active on this layer
-            outputs = ops.add(outputs, delta)
-        return outputs if activation is None else activation(outputs)
+
+    # How a per-output-unit vector (DoRA's magnitude) meets the kernel and
+    # the outputs. Dense's layout; the other layer types override these.
+    def _lora_kernel_input_axes(self):
+        """The kernel axes contracted with the input."""
+        return (0,)
+
+    def _lora_output_view(self, vector):
+        """`vector` (the kernel's non-input axes) shaped to broadcast against
+        the layer's outputs."""
+        return vector
+
+    def _lora_output_bias(self):
+        """The bias as it is added to the outputs, or None."""
+        bias = getattr(self, "bias", None)
+        return None if bias is None else self._lora_output_view(bias)
 
     def _lora_delta(self, inputs, training):
         """Returns s·(dropout(x)·A)·B shaped like the output. Subclasses define it."""
@@ -221,11 +282,9 @@ class LoRALayer(AdapterSet):
         unless `dtype` is given; a quantized base's merged kernel is float32
         (re-quantize it with `quantized.twin`).
         """
-        kernel = (
-            self.lora_base_kernel
-            if self.quantization_mode is None
-            else quantized.dequantized_kernel(self)
-        )
+        kernel = self._lora_float_kernel()
+        if self.use_dora:  # W' = m · (W + s·ΔW) / ‖W + s·ΔW‖
+            return dora.merged_kernel(self, kernel, dtype or kernel.dtype)
         if self._lora_active is not None:  # named adapters: the active set
             merged = ops.add(ops.cast(kernel, "float32"), self.lora_update())
             return ops.cast(merged, dtype or kernel.dtype)
@@ -238,6 +297,12 @@ class LoRALayer(AdapterSet):
             dtype=dtype,
         )
         return merged
+
+    def _lora_float_kernel(self):
+        """W: the base kernel, dequantized (float32) on a quantized base."""
+        if self.quantization_mode is None:
+            return self.lora_base_kernel
+        return quantized.dequantized_kernel(self)
 
     # `model.quantize` after `enable_lora`: the frozen base is quantized by
     # Keras's own code and the factors stay float32.
@@ -254,7 +319,15 @@ class LoRALayer(AdapterSet):
             "use_rslora": self.use_rslora,
             "a_initializer": keras.initializers.serialize(self.a_initializer),
             "b_initializer": keras.initializers.serialize(self.b_initializer),
+            "use_dora": self.use_dora,
+            "init": self.lora_init,
         }
+
+    def lora_state_variables(self):
+        """{name: variable} of the primary adapter's state beyond A and B:
+        DoRA's magnitude, PiSSA/OLoRA's starting factors."""
+        names = ("lora_magnitude", "lora_a_initial", "lora_b_initial")
+        return {n: getattr(self, n) for n in names if n in self.__dict__}
 
     def get_config(self):
         return {**super().get_config(), **self.lora_config()}
@@ -266,6 +339,8 @@ class LoRALayer(AdapterSet):
         super().save_own_variables(store)
         store["lora_a"] = self.lora_a
         store["lora_b"] = self.lora_b
+        for key, variable in self.lora_state_variables().items():
+            store[key] = variable
         for name, adapter in (self._lora_extra or {}).items():
             store[f"lora_a_{name}"] = adapter.a
             store[f"lora_b_{name}"] = adapter.b
@@ -274,6 +349,8 @@ class LoRALayer(AdapterSet):
         super().load_own_variables(store)
         self.lora_a.assign(store["lora_a"])
         self.lora_b.assign(store["lora_b"])
+        for key, variable in self.lora_state_variables().items():
+            variable.assign(store[key])
         for name, adapter in (self._lora_extra or {}).items():
             adapter.a.assign(store[f"lora_a_{name}"])
             adapter.b.assign(store[f"lora_b_{name}"])
@@ -289,13 +366,15 @@ class LoRALayer(AdapterSet):
         use_rslora=False,
         a_initializer="he_uniform",
         b_initializer="zeros",
+        use_dora=False,
+        init=None,
     ):
         """Turns a built base layer into this LoRA class, in place.
 
         Args:
             layer: a built instance of this class's base (e.g. `Dense`).
-            rank, alpha, dropout, use_rslora, a_initializer, b_initializer:
-                as in the constructor.
+            rank, alpha, dropout, use_rslora, a_initializer, b_initializer,
+            use_dora, init: as in the constructor.
 
         Returns:
             The same `layer` object, now an instance of `cls`.
@@ -319,7 +398,14 @@ class LoRALayer(AdapterSet):
         layer.__class__ = cls
         try:
             layer._init_lora(
-                rank, alpha, dropout, use_rslora, a_initializer, b_initializer
+                rank,
+                alpha,
+                dropout,
+                use_rslora,
+                a_initializer,
+                b_initializer,
+                use_dora,
+                init,
             )
             layer._build_lora()
         except Exception:
@@ -366,7 +452,7 @@ class LoRALayer(AdapterSet):
                 self._untrack_variable(variable)
             if adapter.seed_generator is not None:
                 self._seed_generators.remove(adapter.seed_generator)
-        for name in ("lora_a", "lora_b"):
+        for name in ("lora_a", "lora_b", *self.lora_state_variables()):
             self._untrack_variable(getattr(self, name))
             object.__delattr__(self, name)
         if self.lora_seed_generator is not None:

@@ -43,12 +43,14 @@ def check_mode(mode, layer_name):
 
 
 def kernel_shape(layer):
-    """The logical (unpacked) shape of the kernel of a Dense/EinsumDense/Embedding."""
+    """The logical (unpacked) shape of a Dense/EinsumDense/Embedding/conv kernel."""
     if isinstance(layer, keras.layers.Embedding):
         return (layer.input_dim, layer.output_dim)
     if isinstance(layer, keras.layers.EinsumDense):
         if layer.quantization_mode == "int4":
             return tuple(layer.original_kernel_shape)
+        return tuple(layer._kernel.shape)
+    if not isinstance(layer, keras.layers.Dense):  # a convolution: never packed
         return tuple(layer._kernel.shape)
     # Dense: int4 packs the output axis, the input axis stays whole.
     return (layer._kernel.shape[0], layer.units)

@@ -1,0 +1,125 @@
+"""DoRA (Liu et al. 2024): weight-decomposed low-rank adaptation, for any layer.
+
+DoRA writes the adapted weight as a magnitude times a direction,
+
+    W' = m · (W + s·ΔW) / ‖W + s·ΔW‖,
+
+with one trainable magnitude per output unit (the norm runs over the kernel's
+input axes) and ΔW = A·B the usual low-rank update. `m` starts at ‖W‖, so a
+fresh layer computes exactly its base. As PEFT does (and the paper recommends
+to save memory, section 4.3), the norm is a constant in the backward pass, and
+the forward pass never builds W' for the inputs:
+
+    y = x·W + b + (m/‖·‖ - 1)·(x·W) + (m/‖·‖)·s·(x·A)·B,
+
+where `x·W` is the base layer's own output less its bias (with LoRA dropout in
+training, the base runs again on the dropped input, as in PEFT). The norm itself
+needs the kernel-shaped ΔW once per step, like PEFT's.
+
+The layer types differ only in which kernel axes meet the input
+(`_lora_kernel_input_axes`) and how a per-output vector broadcasts against the
+outputs (`_lora_output_view`); everything else is here, once.
+"""
+
+import keras
+from keras import ops
+
+from keras_lora.layers import quantized
+
+
+def check_use_dora(use_dora, layer):
+    """Returns `use_dora` if it is a bool this layer type supports."""
+    if not isinstance(use_dora, bool):
+        raise ValueError(f"`use_dora` must be a bool. Received: use_dora={use_dora!r}")
+    if use_dora and isinstance(layer, keras.layers.Embedding):
+        raise ValueError(
+            f"DoRA adapts Dense, EinsumDense and convolution layers; layer "
+            f"'{layer.name}' is an {type(layer).__name__}: leave it out of "
+            f"`targets` or use `use_dora=False`. Received: use_dora={use_dora}"
+        )
+    return use_dora
+
+
+def magnitude_shape(layer):
+    """The kernel's shape without its input axes: one entry per output unit."""
+    shape = quantized.kernel_shape(layer)
+    drop = set(layer._lora_kernel_input_axes())
+    return tuple(size for axis, size in enumerate(shape) if axis not in drop)
+
+
+def weight_norm(layer, kernel=None):
+    """‖W + s·ΔW‖ over the kernel's input axes, float32, magnitude-shaped."""
+    if kernel is None:
+        kernel = layer._lora_float_kernel()
+    weight = ops.add(ops.cast(kernel, "float32"), _primary_update(layer))
+    axes = tuple(layer._lora_kernel_input_axes())
+    return ops.sqrt(ops.sum(ops.square(weight), axis=axes))
+
+
+def base_norm(layer):
+    """‖W‖ over the kernel's input axes (numpy float32): m of a zero update."""
+    kernel = ops.cast(layer._lora_float_kernel(), "float32")
+    axes = tuple(layer._lora_kernel_input_axes())
+    return ops.convert_to_numpy(ops.sqrt(ops.sum(ops.square(kernel), axis=axes)))
+
+
+def _primary_update(layer):
+    """s·A·B of the layer's (only) adapter, kernel-shaped, float32."""
+    delta = ops.einsum(
+        layer.lora_merge_equation,
+        ops.cast(layer.lora_a, "float32"),
+        ops.cast(layer.lora_b, "float32"),
+    )
+    return ops.multiply(delta, layer.lora_scale)
+
+
+def reset_magnitude(layer):
+    """Sets m = ‖W + s·ΔW‖, so that the layer computes W + s·ΔW exactly."""
+    layer.lora_magnitude.assign(weight_norm(layer))
+
+
+def outputs(layer, base_call, base_outputs, inputs, training):
+    """The DoRA layer's output (before the activation).
+
+    Args:
+        layer: a LoRA layer with `use_dora=True`.
+        base_call: the base class's `call` (or `quantized_call`).
+        base_outputs: its output on `inputs`, before the activation.
+        inputs, training: as the layer received them.
+    """
+    x = layer._lora_input(inputs, training)
+    lora = layer._lora_delta(x, False)  # dropout already applied to x
+    # The norm is a constant in backward (PEFT's `weight_norm.detach()`).
+    norm = ops.stop_gradient(weight_norm(layer))
+    scale = ops.divide(layer.lora_magnitude, norm)
+    scale = ops.cast(layer._lora_output_view(scale), base_outputs.dtype)
+    plain = (
+        base_outputs
+        if x is inputs
+        else layer._lora_base_outputs(base_call, x, training)
+    )
+    bias = layer._lora_output_bias()
+    if bias is not None:
+        plain = ops.subtract(plain, ops.cast(bias, plain.dtype))
+    update = ops.add(
+        ops.multiply(ops.subtract(scale, 1), plain), ops.multiply(scale, lora)
+    )
+    return ops.add(base_outputs, update)
+
+
+def merged_kernel(layer, kernel, dtype):
+    """m · (W + s·ΔW) / ‖W + s·ΔW‖ in float32, cast to `dtype`."""
+    merged = ops.add(ops.cast(kernel, "float32"), _primary_update(layer))
+    axes = tuple(layer._lora_kernel_input_axes())
+    norm = ops.sqrt(ops.sum(ops.square(merged), axis=axes, keepdims=True))
+    magnitude = ops.reshape(layer.lora_magnitude, norm.shape)
+    return ops.cast(ops.multiply(merged, ops.divide(magnitude, norm)), dtype)
+
+
+def check_active(layer):
+    """DoRA layers run their one adapter at weight 1, or no adapter."""
+    raise ValueError(
+        f"Layer '{layer.path}' uses DoRA, whose update is not additive: it "
+        "runs with its adapter at weight 1 or with none. "
+        f"Received: active adapters {list(layer._lora_active)}"
+    )
