@@ -27,7 +27,7 @@ import h5py
 import keras
 import numpy as np
 
-from keras_lora import named_adapters, transform
+from keras_lora import lora_init, named_adapters, transform
 from keras_lora.io_utils import atomic_write, check_keras_path
 from keras_lora.layers.adapter_set import check_adapter_name
 from keras_lora.safe_files import MAX_JSON_BYTES, read_flat_dataset, read_member
@@ -65,6 +65,8 @@ def save_adapter(model, filepath, name=None):
     filepath = check_keras_path(filepath)
     name, spec = named_adapters.adapter_spec(model, name)
     entries = named_adapters.adapter_variables(model, name)
+    # PiSSA/OLoRA layers: written as rank-2r LoRA for the original base.
+    spec, entries = lora_init.for_original_base(model, spec, entries)
     packed, index = _pack(
         {
             key: keras.ops.convert_to_numpy(variable) if value is None else value

@@ -416,7 +416,9 @@ def disable_lora(model):
 
     Every B factor is set to zero on entry, and the weights of `train_layers`
     (a task head, say) are set to the values they had when LoRA was applied;
-    all are restored bit for bit on exit (B is small: rank × d_out). Using
+    all are restored bit for bit on exit (B is small: rank × d_out). PiSSA/
+    OLoRA layers, whose kernel holds W - s·A0·B0, run with their starting
+    factors A0, B0 instead (the original W, up to float32 rounding). Using
     the variables, rather than a Python flag, keeps this right inside already
     compiled `predict`/`fit` functions.
 
@@ -436,13 +438,21 @@ def disable_lora(model):
     swaps = [
         (adapter.b, np.zeros(adapter.b.shape, "float32"))
         for layer in layers
+        if layer.lora_init is None
         for adapter in map(layer.lora_adapter, layer.lora_adapter_names)
     ]
     # DoRA: with B = 0 the layer computes m·W/‖W‖, which is W when m = ‖W‖.
     swaps += [
         (layer.lora_magnitude, dora.base_norm(layer))
         for layer in layers
-        if layer.use_dora
+        if layer.use_dora and layer.lora_init is None
+    ]
+    # PiSSA/OLoRA: the kernel holds W_res; the starting factors give W back.
+    swaps += [
+        pair
+        for layer in layers
+        if layer.lora_init is not None
+        for pair in lora_init.original_base_swaps(layer)
     ]
     heads = getattr(model, "_keras_lora_heads", {"owner": {}})["owner"]
     owned = [path for path, owner in heads.items() if owner is not None]

@@ -39,7 +39,7 @@ def test_default_init_is_he_uniform():
     assert np.abs(a).max() <= np.sqrt(6 / 128) + 1e-6
 
 
-@pytest.mark.parametrize("init", ["pissa", "Gaussian", None])
+@pytest.mark.parametrize("init", ["svd", "Gaussian", None])
 def test_unknown_init_is_an_error_and_changes_nothing(init):
     model = _model()
     with pytest.raises(ValueError, match="`init` must be one of"):

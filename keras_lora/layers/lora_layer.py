@@ -83,7 +83,7 @@ class LoRALayer(AdapterSet):
             )
         self.use_rslora = use_rslora
         self.use_dora = dora.check_use_dora(use_dora, self)
-        self.lora_init = lora_init.check_layer_init(init)
+        self.lora_init = lora_init.check_layer_init(init, self)
         self.a_initializer = keras.initializers.get(a_initializer)
         self.b_initializer = keras.initializers.get(b_initializer)
         self.lora_scale = lora_math.lora_scale(self.rank, self.alpha, use_rslora)
@@ -430,7 +430,8 @@ class LoRALayer(AdapterSet):
 
         Args:
             merge: if True, W is replaced by W + s·ΔW first; if False, the
-                update is dropped and the base kernel is left as it is.
+                update is dropped and the base kernel is left as it is (a
+                PiSSA/OLoRA layer's gets its original W_res + s·A0·B0 back).
         """
         base_class = self._lora_base_class_of()
         if merge and self.quantization_mode is None:
@@ -444,6 +445,10 @@ class LoRALayer(AdapterSet):
                 self, base_class, self.merged_kernel(), self.quantization_mode
             )
             quantized.assign_from(self, twin)
+        elif self.lora_init is not None and self.quantization_mode is None:
+            # PiSSA/OLoRA: dropping the update means the original W, whose
+            # principal part the starting factors hold.
+            self.lora_base_kernel.assign(lora_init.original_kernel(self))
         if "_lora_keras_quantize" in self.__dict__:
             self.__dict__["quantize"] = self._lora_keras_quantize
         # Untrack the factors so that `weights` is what it was before.
