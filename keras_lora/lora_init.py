@@ -63,13 +63,18 @@ def check_layer_init(init, layer=None):
     if init is not None and isinstance(layer, keras.layers.Embedding):
         raise ValueError(
             f"PiSSA/OLoRA start Dense, EinsumDense and convolution layers; layer "
-            f"'{layer.name}' is an {type(layer).__name__} (PEFT leaves "
+            f"'{layer.name}' is an {_base_name(layer)} (PEFT leaves "
             "embeddings at their default start for these inits): leave it out "
             f"of `targets` or use init='default'. Received: init={init!r}"
         )
     if init is not None and getattr(layer, "built", False):
         _check_float_kernel(layer, init)
     return init
+
+
+def _base_name(layer):
+    """'Embedding' for a LoRAEmbedding (its class once `adapt` started)."""
+    return (getattr(type(layer), "_lora_base", None) or type(layer)).__name__
 
 
 def _check_float_kernel(layer, init):
