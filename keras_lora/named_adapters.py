@@ -214,6 +214,13 @@ def set_adapter(model, names, weights=None):
             )
     if len({n for n, _ in pairs}) != len(pairs):
         raise ValueError(f"`names` repeats an adapter. Received: names={names!r}")
+    dora = [lyr for lyr in transform.lora_layers(model) if lyr.use_dora]
+    if dora and pairs and pairs != [(dora[0]._lora_primary, 1.0)]:
+        raise ValueError(
+            f"Model '{model.name}' uses DoRA (layer '{dora[0].path}'), whose "
+            "update is not additive: its adapter runs at weight 1 or not at all. "
+            f"Received: names={names!r}, weights={weights!r}"
+        )
     _activate(model, pairs)
     return model
 
