@@ -62,6 +62,16 @@ def adapter_ids(model, ids):
             f"Adapters {heads} train heads (`train_layers`), which cannot differ "
             "per example: run their examples as separate batches."
         )
+    special = [
+        lyr for lyr in transform.lora_layers(model) if lyr.use_dora or lyr.lora_init
+    ]
+    if special:
+        raise ValueError(
+            f"Model '{model.name}' has a DoRA or PiSSA/OLoRA layer "
+            f"('{special[0].path}'): per-example adapters need updates that add "
+            "to an unchanged base kernel. Received: "
+            f"use_dora={special[0].use_dora}, init={special[0].lora_init!r}"
+        )
     index = np.array(
         [len(names) if n is None else names.index(n) for n in ids], "int32"
     )

@@ -331,3 +331,6 @@ def test_dora_refusals():
     assert np.abs(adapted - base).max() > 1e-2
     keras_lora.set_adapter(model, "default")
     np.testing.assert_array_equal(to_numpy(model(x)), adapted)
+    with pytest.raises(ValueError, match="DoRA or PiSSA.*use_dora=True"):
+        with keras_lora.adapter_ids(model, ["default"]):
+            pass
