@@ -45,6 +45,7 @@ def configs():
                 intermediate_size=48,
                 max_position_embeddings=40,
                 hidden_act="gelu",
+                layer_norm_eps=1e-5,  # KerasHub's RoBERTa (1e-4 apart with 1e-12)
             ),
             transformers.RobertaForMaskedLM,
         ),
