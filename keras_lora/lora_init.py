@@ -52,8 +52,8 @@ def check_layer_init(init, layer=None):
 
     Args:
         init: the layer's `init` argument.
-        layer: the layer (an Embedding is refused; a built quantized layer
-            too, before any variable is added).
+        layer: the layer (an Embedding is refused before any variable is
+            added; quantized kernels: `check_residual_targets`).
     """
     if init is not None and init not in RESIDUAL_INITS:
         raise ValueError(
@@ -67,9 +67,20 @@ def check_layer_init(init, layer=None):
             "embeddings at their default start for these inits): leave it out "
             f"of `targets` or use init='default'. Received: init={init!r}"
         )
-    if init is not None and getattr(layer, "built", False):
-        _check_float_kernel(layer, init)
     return init
+
+
+def check_residual_targets(model, spec):
+    """Refuses PiSSA/OLoRA on quantized kernels, before `enable_lora` touches
+    the model. (A reloaded model quantized after `enable_lora` rebuilds its
+    layers quantized, then loads its values: `initialize_layer` skips those.)
+    """
+    from keras_lora import transform  # transform imports this module
+
+    by_path = transform._layers_by_path(model)
+    for path, config in spec["layers"].items():
+        if config.get("init"):
+            _check_float_kernel(by_path[path], config["init"])
 
 
 def _base_name(layer):
@@ -143,7 +154,11 @@ def initialize_layer(layer):
     >>> layer = keras_lora.LoRADense(8, rank=2, init="pissa")
     >>> layer.build((None, 16))  # the kernel now holds W - s·A·B
     """
-    _check_float_kernel(layer, layer.lora_init)
+    _matrix_axes(layer)  # refuses group axes
+    if layer.quantization_mode is not None:
+        # Only a model being reloaded (quantized after `enable_lora`) gets
+        # here (`check_residual_targets`): its values come from the file.
+        return
     kernel = layer.lora_base_kernel
     weight = np.asarray(ops.convert_to_numpy(ops.cast(kernel, "float32")), "float64")
     matrix = _as_matrix(layer, weight)
@@ -183,7 +198,7 @@ def _numpy(variable):
 def original_kernel(layer):
     """W = W_res + s·A0·B0, the kernel before PiSSA/OLoRA (float32 rounding),
     in the kernel's dtype: what reverting without merging puts back."""
-    kernel = layer.lora_base_kernel
+    kernel = layer._lora_float_kernel()  # dequantized if quantized since
     weight = np.asarray(ops.convert_to_numpy(ops.cast(kernel, "float32")), "float64")
     original = weight + _update(
         layer, _numpy(layer.lora_a_initial), _numpy(layer.lora_b_initial)

@@ -143,6 +143,7 @@ def enable_lora(
     spec = build_spec(
         model, rank, alpha, targets, dropout, train_layers, use_rslora, **per_layer
     )
+    lora_init.check_residual_targets(model, spec)  # PiSSA/OLoRA: float kernels
     apply_spec(model, spec)
     lora_init.initialize(lora_layers(model), init)
     return model

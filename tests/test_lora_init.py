@@ -183,9 +183,13 @@ def test_disable_lora_gives_the_original_base(init, kwargs):
 
 
 @pytest.mark.parametrize("init", ["pissa", "olora"])
-def test_merge_gives_the_trained_model_and_revert_the_base(init):
+def test_merge_gives_the_trained_model_and_revert_the_base(init, tmp_path):
     model, _, base = _adapted(init)
     trained = _trained(model)
+    # export_merged and merge_lora write W_res + s·A·B.
+    filepath = str(tmp_path / "merged.keras")
+    keras_lora.export_merged(model, filepath)
+    _assert_close(to_numpy(keras.saving.load_model(filepath)(_X)), trained)
     merged_model, _, _ = _adapted(init)
     merged_model.set_weights(model.get_weights())
     keras_lora.merge_lora(merged_model)
@@ -251,3 +255,21 @@ def test_residual_init_refuses_a_quantized_base(mode):
     with pytest.raises(ValueError, match=f"quantized \\({mode}\\).*quantize after"):
         keras_lora.enable_lora(model, rank=2, targets=["dense"], init="pissa")
     assert not keras_lora.lora_layers(model)
+
+
+def test_quantize_after_pissa_saves_and_reloads(tmp_path):
+    # QLoRA-style PiSSA: the residual is quantized, the factors stay float.
+    inputs = keras.Input((16,))
+    model = keras.Model(inputs, keras.layers.Dense(16, name="dense")(inputs))
+    x = _X.reshape(6, -1)[:, :16]
+    base = to_numpy(model(x))
+    keras_lora.enable_lora(model, rank=2, targets=["dense"], init="pissa")
+    model.quantize("int8")
+    outputs = to_numpy(model(x))
+    filepath = str(tmp_path / "pissa_int8.keras")
+    model.save(filepath)
+    loaded = keras.saving.load_model(filepath)
+    assert loaded.get_layer("dense").quantization_mode == "int8"
+    np.testing.assert_array_equal(to_numpy(loaded(x)), outputs)
+    with keras_lora.disable_lora(loaded):  # int8(W_res) + s·A0·B0 ≈ W
+        assert np.abs(to_numpy(loaded(x)) - base).max() < 0.05 * np.abs(base).max()
