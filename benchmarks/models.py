@@ -50,6 +50,7 @@ TRAIN_VARIANTS = {
     "full fine-tuning": ("full", None),
     "keras-lora all-linear": ("keras_lora", "all-linear"),
     "keras built-in all-linear": ("builtin", "all-linear"),
+    "keras-lora DoRA q/v": ("keras_lora_dora", None),
 }
 
 
@@ -112,9 +113,13 @@ def apply_builtin_lora(model, layers, rank):
 def make_variant(method, targets, config, seed=0, dropout=0.1, jit_compile=True):
     """Builds one training variant, compiled with Adam (and XLA / torch.compile)."""
     model = build_classifier(config, seed, dropout)
-    if method == "keras_lora":
+    if method in ("keras_lora", "keras_lora_dora"):
         keras_lora.enable_lora(
-            model, rank=config["rank"], targets=targets, train_layers=["head"]
+            model,
+            rank=config["rank"],
+            targets=targets,
+            train_layers=["head"],
+            use_dora=method == "keras_lora_dora",
         )
     elif method == "builtin":
         layers = target_layers(model, targets)

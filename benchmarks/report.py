@@ -20,6 +20,19 @@ TARGETS = {
         "train",
         0.55,
     ),
+    # DoRA's price: the norm of W + s·ΔW needs the kernel-shaped ΔW each step.
+    "train: keras-lora DoRA (q/v) / keras-lora (q/v)": (
+        "keras-lora DoRA q/v",
+        "keras-lora q/v",
+        "train",
+        None,
+    ),
+    "train: keras-lora DoRA (q/v) / keras built-in (q/v)": (
+        "keras-lora DoRA q/v",
+        "keras built-in q/v",
+        "train",
+        None,
+    ),
     "inference: merged / base": ("merged", "base", "inference", 1.02),
     "inference: keras-lora unmerged / base": (
         "keras-lora unmerged",
