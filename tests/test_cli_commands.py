@@ -99,6 +99,22 @@ def test_inspect_adapter_file(files, capsys):
     assert info["trained_layers"] == [{"path": "head", "parameters": 75}]
 
 
+def test_inspect_dora_adapter_and_model(files, capsys):
+    model = keras.saving.load_model(files / "base.keras")
+    keras_lora.enable_lora(model, rank=2, targets=["hidden"], use_dora=True)
+    keras_lora.save_adapter(model, files / "dora.adapter.keras")
+    model.save(files / "dora_model.keras")
+    code, out, _ = _run(["inspect", files / "dora.adapter.keras"], capsys)
+    assert code == 0
+    assert "hidden  rank 2   alpha 2 (scale 1), DoRA  A (16, 2), B (2, 32)" in out
+    code, out, _ = _run(["inspect", files / "dora.adapter.keras", "--json"], capsys)
+    info = json.loads(out)
+    assert info["layers"][0]["use_dora"] is True
+    assert info["parameters"]["LoRA"] == 2 * (16 + 32) + 32  # A, B, magnitude
+    code, out, _ = _run(["inspect", files / "dora_model.keras"], capsys)
+    assert "hidden  rank 2   alpha 2 (scale 1), DoRA" in out
+
+
 def test_inspect_keras_models(files, capsys):
     code, out, _ = _run(["inspect", files / "base.keras", "--json"], capsys)
     info = json.loads(out)

@@ -28,6 +28,7 @@ def describe(path):
                 settings.get("use_rslora", False),
                 settings.get("dropout"),
                 (a.shape, b.shape),
+                use_dora=settings.get("use_dora", False),
             )
         )
     lora = sum(v.size for k, v in arrays.items() if not k.startswith("train/"))

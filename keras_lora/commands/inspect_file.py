@@ -102,7 +102,9 @@ def format_text(info):
             lines.append(
                 f"    {layer['path']:<{width}}  rank {layer['rank']:<3} alpha "
                 f"{_number(layer['alpha'])} (scale {_number(layer['scale'])})"
-                f"{', rsLoRA' if layer.get('use_rslora') else ''}{shapes}"
+                f"{', rsLoRA' if layer.get('use_rslora') else ''}"
+                f"{', DoRA' if layer.get('use_dora') else ''}"
+                f"{', init ' + layer['init'] if layer.get('init') else ''}{shapes}"
             )
     elif "layers" in info:
         lines.append("  adapted layers: none (a plain model)")
@@ -113,7 +115,9 @@ def format_text(info):
     return "\n".join(lines)
 
 
-def layer_entry(path, rank, alpha, use_rslora, dropout=None, shapes=None):
+def layer_entry(
+    path, rank, alpha, use_rslora, dropout=None, shapes=None, use_dora=False, init=None
+):
     """One adapted layer of `describe`'s output (alpha None means rank)."""
     alpha = float(rank if alpha is None else alpha)
     entry = {
@@ -123,6 +127,10 @@ def layer_entry(path, rank, alpha, use_rslora, dropout=None, shapes=None):
         "scale": alpha / math.sqrt(rank) if use_rslora else alpha / rank,
         "use_rslora": bool(use_rslora),
     }
+    if use_dora:
+        entry["use_dora"] = True
+    if init:
+        entry["init"] = init
     if dropout is not None:
         entry["dropout"] = dropout
     if shapes is not None:

@@ -43,6 +43,8 @@ def describe(path):
                     settings.get("alpha"),
                     settings.get("use_rslora", False),
                     settings.get("dropout"),
+                    use_dora=settings.get("use_dora", False),
+                    init=settings.get("init"),
                 )
             )
         trained += [{"path": p} for p in spec.get("train_layers") or []]
@@ -58,6 +60,8 @@ def describe(path):
                     settings.get("alpha"),
                     settings.get("use_rslora", False),
                     settings.get("dropout"),
+                    use_dora=settings.get("use_dora", False),
+                    init=settings.get("init"),
                 )
             )
     model = config["config"]["model"] if _is_adapted_model(config) else config
