@@ -10,7 +10,9 @@ In every converter the Hugging Face weight `(out_features, in_features)` maps
 onto the Keras kernel by flattening the kernel's input axes and its output
 axes each in kernel order (C order): so a LoRA factor maps the same way (see
 `factors.py`). A fused module (GPT-2's `c_attn`) lists several Keras layers:
-its output features are theirs, concatenated in that order.
+its output features are theirs, concatenated in that order. A conv module
+(ViT's patch embedding) maps onto a Keras conv layer, its weight
+`(filters, in, *kernel_size)` onto the kernel `(*kernel_size, in, filters)`.
 """
 
 import dataclasses
@@ -31,7 +33,9 @@ class Architecture:
         block_modules: module name inside a block -> attribute chains (from
             the KerasHub block, `backbone.transformer_layers[i]`) of the
             Keras layers it maps onto.
-        top_modules: module name -> backbone attribute, outside the blocks.
+        top_modules: module name -> backbone attribute chain, outside the
+            blocks (a chain element the object lacks as an attribute is a
+            layer name: `get_layer`).
         unmapped: module names (suffixes) transformers models have that no
             KerasHub layer LoRA can adapt represents; kept so that written
             `target_modules` never select them by accident.
@@ -39,6 +43,7 @@ class Architecture:
             attribute of the KerasHub task (for `modules_to_save`).
         conv1d: whether the block modules are GPT-2 `Conv1D`s, whose
             weights are stored `(in_features, out_features)`.
+        blocks: the backbone attribute chain of its list of blocks.
     """
 
     name: str
@@ -50,6 +55,7 @@ class Architecture:
     unmapped: tuple = ()
     heads: dict = dataclasses.field(default_factory=dict)
     conv1d: bool = False
+    blocks: str = "transformer_layers"
 
 
 _DECODER_MLP = {
@@ -163,6 +169,33 @@ ARCHITECTURES = (
         top_modules={"embed_tokens": "token_embedding"},
         unmapped=("lm_head", "score"),
     ),
+    Architecture(
+        # ViTForImageClassification checkpoints (KerasHub's converter reads
+        # their `vit.` weights); the patch embedding is a real Conv2D. Module
+        # names are transformers 5's (`layers.{i}.attention.q_proj`, which
+        # PEFT 0.21 writes); transformers 4 named them
+        # `encoder.layer.{i}.attention.attention.query`.
+        name="vit",
+        backbones=("ViTBackbone",),
+        task_prefix="vit.",
+        block="layers.{i}",
+        block_modules={
+            "attention.q_proj": ("mha._query_dense",),
+            "attention.k_proj": ("mha._key_dense",),
+            "attention.v_proj": ("mha._value_dense",),
+            "attention.o_proj": ("mha._output_dense",),
+            "mlp.fc1": ("mlp.dense_1",),
+            "mlp.fc2": ("mlp.dense_2",),
+        },
+        top_modules={
+            "embeddings.patch_embeddings.projection": (
+                "vit_patching_and_embedding.patch_embedding"
+            ),
+        },
+        unmapped=("pooler.dense", "classifier"),
+        heads={"classifier": "output_dense"},
+        blocks="vit_encoder.encoder_layers",
+    ),
 )
 
 
@@ -176,7 +209,10 @@ class Module:
 
 def _attribute(obj, chain):
     for attribute in chain.split("."):
-        obj = getattr(obj, attribute)
+        if hasattr(obj, attribute):
+            obj = getattr(obj, attribute)
+        else:  # a Functional backbone's layer, by name
+            obj = obj.get_layer(attribute)
     return obj
 
 
@@ -198,7 +234,7 @@ def modules(backbone, architecture):
     found = {}
     for name, attribute in architecture.top_modules.items():
         found[name] = Module(name, (_attribute(backbone, attribute),))
-    for i, block in enumerate(backbone.transformer_layers):
+    for i, block in enumerate(_attribute(backbone, architecture.blocks)):
         prefix = architecture.block.format(i=i)
         for name, chains in architecture.block_modules.items():
             layers = tuple(_attribute(block, chain) for chain in chains)

@@ -3,7 +3,9 @@
 A PEFT LoRA adapter folder holds `adapter_config.json` and
 `adapter_model.safetensors`, whose tensors are named
 `base_model.model.<module>.lora_A.weight` `(r, in_features)` and
-`...lora_B.weight` `(out_features, r)` (embeddings: `lora_embedding_A/B`).
+`...lora_B.weight` `(out_features, r)` (embeddings: `lora_embedding_A/B`;
+convolutions: conv weights, see `factors.py`; DoRA adds
+`...lora_magnitude_vector`, see `peft_dora.py`).
 `architectures.py` says which KerasHub layer each module is, `factors.py`
 how the factors are laid out, `peft_reading.py` checks an adapter before
 anything changes and `peft_writing.py` writes one; this file applies it all at
@@ -21,6 +23,7 @@ from keras_lora.interop import (
     architectures,
     factors,
     peft_config,
+    peft_dora,
     peft_reading,
     peft_writing,
 )
@@ -35,7 +38,10 @@ def load_peft_adapter(model, path, name=None):
     .from_preset("<transformers folder>")`). Each PEFT module becomes LoRA on
     the KerasHub layer(s) its weight maps onto, with PEFT's rank, alpha and
     scale (`r`, `lora_alpha`, `use_rslora`, `rank_pattern`, `alpha_pattern`),
-    so the outputs equal those of transformers + peft. A fused module (GPT-2's
+    so the outputs equal those of transformers + peft. A DoRA adapter
+    (`use_dora: true`) gives DoRA layers (`use_dora=True` in the spec) with
+    PEFT's magnitudes as `layer.lora_magnitude`; a conv module (ViT's patch
+    embedding) LoRA on the KerasHub `Conv2D`. A fused module (GPT-2's
     `c_attn`, which holds q, k and v) becomes LoRA on the separate q, k and v
     layers, sharing its A factor: the same update, exactly. Everything else is
     frozen, as with `enable_lora`; `merge_lora`, `save_adapter` and `fit` work
@@ -45,7 +51,7 @@ def load_peft_adapter(model, path, name=None):
 
     Args:
         model: a built KerasHub backbone or task model (BERT, RoBERTa,
-            GPT-2, Llama, Mistral, Gemma, Gemma 2, Qwen2, Qwen3; see
+            GPT-2, Llama, Mistral, Gemma, Gemma 2, Qwen2, Qwen3, ViT; see
             `architectures.py`) without LoRA layers.
         path: a folder with `adapter_config.json` and
             `adapter_model.safetensors`.
@@ -57,8 +63,9 @@ def load_peft_adapter(model, path, name=None):
         The same model object, adapted.
 
     Raises:
-        ValueError: for anything that cannot be represented exactly (DoRA,
-            `lora_bias`, trained biases, `modules_to_save` for a module with no
+        ValueError: for anything that cannot be represented exactly (DoRA
+            on an embedding, DoRA beside other named adapters, `lora_bias`,
+            trained biases, `modules_to_save` for a module with no
             KerasHub layer, an unknown module or architecture, shapes that do
             not fit the model); the model is left untouched.
 
@@ -99,6 +106,13 @@ def load_peft_adapter(model, path, name=None):
         )
         layouts = [factors.layout(layer) for layer in module.layers]
         a, b = peft_reading.module_factors(full, parts, layouts, rank)
+        magnitudes = peft_dora.read_module(full, parts, layouts, settings["use_dora"])
+        if magnitudes is not None and beside:
+            raise ValueError(
+                f"The adapter uses DoRA, which cannot go beside model "
+                f"'{model.name}''s other named adapters (its update is not "
+                f"additive). Load it onto a fresh base. Received: name={adapter_name!r}"
+            )
         if "base" in parts:
             peft_reading.check_base_table(full, parts["base"], module.layers[0])
         if layouts[0][2] == "embedding":
@@ -114,8 +128,12 @@ def load_peft_adapter(model, path, name=None):
             "a_initializer": "zeros",
             "b_initializer": "zeros",
         }
+        if magnitudes is not None:
+            lora_config["use_dora"] = True
         start = 0
-        for layer, (input_shape, output_shape, _) in zip(module.layers, layouts):
+        for index, (layer, (input_shape, output_shape, _)) in enumerate(
+            zip(module.layers, layouts)
+        ):
             stop = start + math.prod(output_shape)
             layer_a, layer_b = factors.to_keras(
                 a, b[start:stop], input_shape, output_shape
@@ -126,12 +144,13 @@ def load_peft_adapter(model, path, name=None):
                 lora_config,
                 layer_a,
                 layer_b,
+                None if magnitudes is None else magnitudes[index],
             )
 
     spec = {
         "version": transform.SPEC_VERSION,
         "targets": "peft",
-        "layers": {p: dict(config) for p, (_, config, _, _) in plan.items()},
+        "layers": {p: dict(entry[1]) for p, entry in plan.items()},
         "train_layers": [unique_path(layer) for layer, _ in trained],
     }
     optimizer = getattr(model, "optimizer", None)
@@ -144,9 +163,11 @@ def load_peft_adapter(model, path, name=None):
         return _load_beside(model, adapter_name, spec, plan, trained)
     transform.apply_spec(model, spec)
     try:
-        for layer, _, a, b in plan.values():
+        for layer, _, a, b, magnitude in plan.values():
             layer.lora_a.assign(a)
             layer.lora_b.assign(b)
+            if magnitude is not None:
+                layer.lora_magnitude.assign(magnitude)
         for layer, values in trained:
             for attribute, value in values.items():
                 getattr(layer, attribute).assign(value)  # cast to its dtype
@@ -165,7 +186,7 @@ def _load_beside(model, name, spec, plan, trained):
     """Adds the planned adapter as `name` beside the model's other adapters."""
     named_adapters.add_spec(model, name, spec)
     try:
-        for layer, _, a, b in plan.values():
+        for layer, _, a, b, _ in plan.values():
             adapter = layer.lora_adapter(name)
             adapter.a.assign(a)
             adapter.b.assign(b)
@@ -190,7 +211,11 @@ def save_peft_adapter(model, path, module_prefix=None, name=None):
     one LoRA module on the fused `c_attn`: with the A factor they share after
     `load_peft_adapter`, or otherwise with the factors stacked along the rank
     (rank r_q + r_k + r_v, each block scaled by its layer's scale), which is
-    the same update exactly. Layers whose base weights train
+    the same update exactly. DoRA layers (all of them, or none: PEFT's
+    `use_dora` is one flag) write their magnitudes; a layer of a fused module
+    without LoRA gets its rows' ‖W‖ there, which leaves them unchanged. Conv
+    layers (ViT's patch embedding) write PEFT's conv factors. Layers whose
+    base weights train
     (`enable_lora(..., train_layers=...)`) are written whole, as PEFT's
     `modules_to_save`, if they are task heads (BERT's classifier) or single
     Dense/EinsumDense modules.
@@ -215,7 +240,8 @@ def save_peft_adapter(model, path, module_prefix=None, name=None):
     Raises:
         ValueError: if a LoRA layer or a trained layer has no PEFT module
             (a position embedding, a head with no transformers counterpart),
-            or the update cannot be written exactly.
+            or the update cannot be written exactly (DoRA on some LoRA
+            layers only).
 
     Example:
 
@@ -275,6 +301,7 @@ def save_peft_adapter(model, path, module_prefix=None, name=None):
             f"layers map onto PEFT modules: {mappable[:16]}..."
         )
 
+    use_dora = peft_dora.check_uniform(layers)
     by_module = collections.defaultdict(dict)
     for layer in layers:
         module, index = owner[_id(layer)]
@@ -297,6 +324,9 @@ def save_peft_adapter(model, path, module_prefix=None, name=None):
         )
         tensors[peft_config.STATE_PREFIX + full + names[0]] = a
         tensors[peft_config.STATE_PREFIX + full + names[1]] = b
+        if use_dora:
+            magnitude = peft_dora.write_module(module, adapted)
+            tensors[peft_config.STATE_PREFIX + full + peft_dora.SUFFIX] = magnitude
         records[full] = record
     saved = peft_writing.saved_tensors(
         model, spec.get("train_layers", []), context, module_prefix
@@ -306,6 +336,7 @@ def save_peft_adapter(model, path, module_prefix=None, name=None):
             tensors[f"{peft_config.STATE_PREFIX}{name}.{parameter}"] = value
     config = peft_writing.write_config(records, context, module_prefix)
     config["modules_to_save"] = sorted(saved) or None
+    config["use_dora"] = use_dora
     return peft_writing.write_folder(path, config, tensors)
 
 

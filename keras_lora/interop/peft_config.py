@@ -21,7 +21,6 @@ STATE_PREFIX = "base_model.model."
 # Config fields that change what a LoRA module computes or adds weights we
 # have no place for. Any truthy value is refused with a ValueError.
 UNSUPPORTED = {
-    "use_dora": "DoRA adds a magnitude vector and normalises the weight",
     "lora_bias": "a trained bias on lora_B",
     "layer_replication": "layers duplicated from the base model",
     "target_parameters": "LoRA on raw parameters (MoE experts)",

@@ -23,7 +23,8 @@ def check(config, file):
 
     Returns:
         A dict with the fields the loader uses: `r`, `lora_alpha`,
-        `use_rslora`, `lora_dropout`, `rank_pattern`, `alpha_pattern`.
+        `use_rslora`, `use_dora`, `lora_dropout`, `rank_pattern`,
+        `alpha_pattern`.
 
     Example:
 
@@ -58,12 +59,9 @@ def check(config, file):
         )
     r = _positive(file, "r", config.get("r", 8), integer=True)
     alpha = _positive(file, "lora_alpha", config.get("lora_alpha", 8))
-    use_rslora = config.get("use_rslora", False)
-    if not isinstance(use_rslora, bool):
-        raise ValueError(
-            f"'{file}': `use_rslora` must be true or false. Received: "
-            f"use_rslora={_short(use_rslora)}"
-        )
+    use_rslora = _bool(file, "use_rslora", config.get("use_rslora", False))
+    # null: older PEFT configs leave `use_dora` unset.
+    use_dora = _bool(file, "use_dora", config.get("use_dora") or False)
     dropout = config.get("lora_dropout", 0.0)
     if dropout is None:
         dropout = 0.0
@@ -86,6 +84,7 @@ def check(config, file):
         "r": r,
         "lora_alpha": alpha,
         "use_rslora": use_rslora,
+        "use_dora": use_dora,
         "lora_dropout": dropout,
         **patterns,
     }
@@ -118,6 +117,15 @@ def _check_selection(config, file):
         _regex(
             file, f"layers_pattern[{index}]", pattern, peft_config.layers_pattern_regex
         )
+
+
+def _bool(file, field, value):
+    if not isinstance(value, bool):
+        raise ValueError(
+            f"'{file}': `{field}` must be true or false. Received: "
+            f"{field}={_short(value)}"
+        )
+    return value
 
 
 def _optional(file, config, field, types, what):

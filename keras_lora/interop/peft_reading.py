@@ -17,6 +17,7 @@ from keras_lora.interop import (
     factors,
     peft_config,
     peft_config_check,
+    peft_dora,
     safetensors_io,
 )
 from keras_lora.interop.peft_config import CONFIG_FILE, STATE_PREFIX, WEIGHTS_FILE
@@ -105,8 +106,9 @@ def group_tensors(tensors, config):
     """Sorts the tensors by module.
 
     Returns:
-        `(grouped, saved)`: LoRA modules `{name: {"a", "b", "kind", "base"?}}`
-        and whole modules (`modules_to_save`) `{name: {"weight", "bias"?}}`.
+        `(grouped, saved)`: LoRA modules `{name: {"a", "b", "kind", "base"?,
+        "m"? (DoRA's magnitude)}}` and whole modules (`modules_to_save`)
+        `{name: {"weight", "bias"?}}`.
     """
     grouped = collections.defaultdict(dict)
     saved = collections.defaultdict(dict)
@@ -123,6 +125,9 @@ def group_tensors(tensors, config):
             if grouped[name].setdefault("kind", kind) != kind:
                 raise ValueError(f"Module '{name}' mixes linear and embedding factors.")
             grouped[name][factor] = value
+            continue
+        if rest is not None and rest.endswith(peft_dora.SUFFIX):
+            grouped[rest[: -len(peft_dora.SUFFIX)]]["m"] = value
             continue
         if rest is not None and rest.endswith(_BASE_TABLE_SUFFIX):
             grouped[rest[: -len(_BASE_TABLE_SUFFIX)]]["base"] = value
@@ -251,18 +256,19 @@ def check_targets(config, prefix, named, context):
 def module_factors(full, parts, layouts, rank):
     """Checks the PEFT factor shapes against the Keras layers'; returns A, B."""
     kind = layouts[0][2]
-    if parts["kind"] != kind:
+    # Linear and conv modules both name their factors `lora_A.weight`.
+    if parts["kind"] != ("embedding" if kind == "embedding" else "linear"):
         raise ValueError(
             f"Module '{full}' has {parts['kind']} factors but maps onto a KerasHub "
             f"{kind} layer."
         )
-    d_in = math.prod(layouts[0][0])
     d_out = sum(math.prod(output_shape) for _, output_shape, _ in layouts)
+    a_shape, b_shape, _ = factors.peft_shapes(layouts[0], rank, d_out)
     a, b = parts["a"], parts["b"]
-    if a.shape != (rank, d_in) or b.shape != (d_out, rank):
+    if a.shape != a_shape or b.shape != b_shape:
         raise ValueError(
-            f"Module '{full}' must have lora_A of shape {(rank, d_in)} and lora_B "
-            f"of shape {(d_out, rank)} (rank {rank} from `r`/`rank_pattern`, "
+            f"Module '{full}' must have lora_A of shape {a_shape} and lora_B "
+            f"of shape {b_shape} (rank {rank} from `r`/`rank_pattern`, "
             "features from the KerasHub model). Received: lora_A.shape="
             f"{a.shape}, lora_B.shape={b.shape}"
         )

@@ -31,7 +31,9 @@ def fuse(module, adapted):
         ]
         for i, layer in adapted.items()
     }
-    peft = {i: factors.to_peft(*values[i]) for i in adapted}
+    peft = {i: factors.to_peft(*values[i], layouts[i][2]) for i in adapted}
+    # A conv module's B has trailing 1×1 kernel axes: (d_out, r, 1, ...).
+    b_tail = peft[min(adapted)][1].shape[2:]
     sizes = [math.prod(output_shape) for _, output_shape, _ in layouts]
     starts = np.cumsum([0] + sizes)
     first = adapted[min(adapted)]
@@ -45,7 +47,7 @@ def fuse(module, adapted):
     if same:
         # One shared A (what loading a fused module gives): rank r, same scale.
         a = peft[min(adapted)][0]
-        b = np.zeros((starts[-1], first.rank), "float32")
+        b = np.zeros((starts[-1], first.rank, *b_tail), "float32")
         for i in adapted:
             b[starts[i] : starts[i + 1]] = peft[i][1]
         record = {
@@ -60,7 +62,7 @@ def fuse(module, adapted):
         ranks = [adapted[i].rank for i in sorted(adapted)]
         total = sum(ranks)
         a = np.concatenate([peft[i][0] for i in sorted(adapted)], axis=0)
-        b = np.zeros((starts[-1], total), "float32")
+        b = np.zeros((starts[-1], total, *b_tail), "float32")
         column = 0
         for i, rank in zip(sorted(adapted), ranks):
             block = peft[i][1] * np.float32(adapted[i].lora_scale)
