@@ -129,9 +129,7 @@ def write_config(records, context, module_prefix):
         # A causal LM task written for its transformers task model can load
         # as PeftModelForCausalLM (`generate`); anything else as PeftModel.
         "task_type": "CAUSAL_LM"
-        if context["is_task"]
-        and architecture.name != "bert"
-        and module_prefix == architecture.task_prefix
+        if _is_causal_lm(context["model"]) and module_prefix == architecture.task_prefix
         else None,
         "base_model_name_or_path": None,
         "r": rank,
@@ -152,6 +150,13 @@ def write_config(records, context, module_prefix):
         "layers_pattern": None,
         "exclude_modules": None,
     }
+
+
+def _is_causal_lm(model):
+    """A KerasHub causal LM task (not a classifier: ViT's, BERT's)."""
+    from keras_hub.models import CausalLM  # present: the model is KerasHub's
+
+    return isinstance(model, CausalLM)
 
 
 def write_folder(path, config, tensors):

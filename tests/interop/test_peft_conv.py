@@ -201,3 +201,47 @@ def test_dilated_conv_has_no_peft_form():
     layer.build((None, 9, 9, 3))
     with pytest.raises(ValueError, match="dilation_rate"):
         factors.layout(layer)
+
+
+def test_vit_classifier_with_dora_and_modules_to_save(tmp_path):
+    """The KerasHub task: module names with `vit.`, the classifier saved whole,
+    logits both ways; written as a plain PeftModel adapter (no task type a
+    classifier cannot load as)."""
+    images = np.random.default_rng(1).normal(size=(2, 3, IMAGE, IMAGE))
+    images = images.astype("float32")
+    hf = make_vit()
+    hf.save_pretrained(tmp_path / "base", safe_serialization=True)
+    torch.manual_seed(1)
+    config = peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        init_lora_weights=False,
+        target_modules=["projection", "q_proj"],
+        modules_to_save=["classifier"],
+        use_dora=True,
+    )
+    wrapped = peft.get_peft_model(hf, config).eval()
+    _randomize_torch_magnitudes(wrapped)
+    with torch.no_grad():
+        head = wrapped.base_model.model.classifier.modules_to_save.default
+        for parameter in head.parameters():
+            parameter.add_(1.0)  # the saved head differs from the base's
+        expected = wrapped(torch.tensor(images)).logits.numpy()
+    wrapped.save_pretrained(tmp_path / "adapter")
+
+    task = keras_hub.models.ViTImageClassifier.from_preset(
+        str(tmp_path / "base"), num_classes=3
+    )
+    keras_lora.load_peft_adapter(task, tmp_path / "adapter")
+    # The task's own call: its preprocessor (rescaling) runs in `predict` only.
+    logits = to_numpy(task(np.transpose(images, (0, 2, 3, 1))))
+    np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=0)
+
+    keras_lora.save_peft_adapter(task, tmp_path / "out")
+    written = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert written["modules_to_save"] == ["classifier"]
+    assert written["task_type"] is None
+    reloaded = peft.PeftModel.from_pretrained(make_vit(), tmp_path / "out").eval()
+    with torch.no_grad():
+        again = reloaded(torch.tensor(images)).logits.numpy()
+    np.testing.assert_allclose(again, logits, atol=1e-4, rtol=0)
