@@ -214,6 +214,27 @@ def test_analyze_errors(files, capsys):
     _assert_clean_error(code, err, "analyze", "--layer 'head' is not adapted in both")
 
 
+def test_inspect_peft_dora_folder_counts_the_magnitudes(tmp_path, capsys):
+    keras_hub = pytest.importorskip("keras_hub")
+    backbone = keras_hub.models.Llama3Backbone(
+        vocabulary_size=64,
+        num_layers=1,
+        num_query_heads=4,
+        num_key_value_heads=2,
+        hidden_dim=32,
+        intermediate_dim=48,
+    )
+    keras_lora.enable_lora(backbone, rank=2, use_dora=True)
+    keras_lora.save_peft_adapter(backbone, tmp_path / "peft")
+    code, out, _ = _run(["inspect", tmp_path / "peft", "--json"], capsys)
+    info = json.loads(out)
+    assert code == 0 and all(layer["use_dora"] for layer in info["layers"])
+    # q: A 2x32, B 32x2, m 32; v: A 2x32, B 16x2, m 16.
+    assert info["parameters"]["LoRA"] == (64 + 64 + 32) + (64 + 32 + 16)
+    code, out, _ = _run(["inspect", tmp_path / "peft"], capsys)
+    assert "layers.0.self_attn.v_proj  rank 2   alpha 2 (scale 1), DoRA" in out
+
+
 def test_convert_peft_round_trip(tmp_path, capsys):
     """keras-lora file -> PEFT folder -> keras-lora file: the same factors."""
     keras_hub = pytest.importorskip("keras_hub")

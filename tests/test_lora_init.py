@@ -273,3 +273,31 @@ def test_quantize_after_pissa_saves_and_reloads(tmp_path):
     np.testing.assert_array_equal(to_numpy(loaded(x)), outputs)
     with keras_lora.disable_lora(loaded):  # int8(W_res) + s·A0·B0 ≈ W
         assert np.abs(to_numpy(loaded(x)) - base).max() < 0.05 * np.abs(base).max()
+
+
+def test_save_peft_adapter_applies_to_the_original_base(tmp_path):
+    """A PEFT folder of a PiSSA model holds s·(A·B - A0·B0) as rank-2r LoRA,
+    so it loads onto the original KerasHub backbone (GPT-2's fused c_attn
+    with q and v adapted: rank-stacked factors)."""
+    from helpers import tiny_gpt2_backbone, token_batch
+
+    batch = token_batch()
+    model = tiny_gpt2_backbone()
+    original = [to_numpy(v) for v in model.weights]
+    keras_lora.enable_lora(model, rank=2, init="pissa")
+    rng = np.random.default_rng(0)
+    for layer in keras_lora.lora_layers(model):  # stands in for training
+        for factor in (layer.lora_a, layer.lora_b):
+            moved = to_numpy(factor) + rng.normal(0, 0.1, factor.shape)
+            factor.assign(moved.astype("float32"))
+    trained = to_numpy(model(batch))
+    folder = str(tmp_path / "pissa_peft")
+    with pytest.warns(UserWarning, match="PiSSA/OLoRA.*original base"):
+        keras_lora.save_peft_adapter(model, folder)
+    fresh = tiny_gpt2_backbone()
+    for variable, value in zip(fresh.weights, original):
+        variable.assign(value)
+    base = to_numpy(fresh(batch))
+    keras_lora.load_peft_adapter(fresh, folder)
+    assert np.abs(trained - base).max() > 1e-3
+    np.testing.assert_allclose(to_numpy(fresh(batch)), trained, atol=1e-5)

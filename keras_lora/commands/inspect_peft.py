@@ -32,9 +32,11 @@ def describe(path):
             config.get("use_rslora", False),
             config.get("lora_dropout"),
             (parts["a"].shape, parts["b"].shape),  # PEFT's (r, in), (out, r)
+            use_dora=bool(config.get("use_dora")),
         )
         layers.append(entry)
-    lora = sum(p["a"].size + p["b"].size for p in grouped.values())
+    # Factors and DoRA's magnitudes ("m").
+    lora = sum(p[k].size for p in grouped.values() for k in ("a", "b", "m") if k in p)
     trained = [
         {"path": module, "parameters": int(sum(v.size for v in params.values()))}
         for module, params in sorted(saved.items())

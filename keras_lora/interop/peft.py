@@ -15,6 +15,7 @@ once, or nothing.
 import collections
 import math
 import os
+import warnings
 
 import keras
 
@@ -302,6 +303,16 @@ def save_peft_adapter(model, path, module_prefix=None, name=None):
         )
 
     use_dora = peft_dora.check_uniform(layers)
+    residual = [layer.path for layer in layers if layer.lora_init is not None]
+    if residual:
+        warnings.warn(
+            f"save_peft_adapter: {len(residual)} layer(s) started from PiSSA/OLoRA "
+            f"(e.g. '{residual[0]}'); the adapter is written for the original "
+            "base as plain LoRA of twice the rank (A' = [A, A0], B' = [B; -B0], "
+            "same scale), as PEFT's `path_initial_model_for_weight_conversion` "
+            "does. Load it onto the original base.",
+            stacklevel=2,
+        )
     by_module = collections.defaultdict(dict)
     for layer in layers:
         module, index = owner[_id(layer)]

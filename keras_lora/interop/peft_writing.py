@@ -11,10 +11,30 @@ import shutil
 import keras
 import numpy as np
 
-from keras_lora import io_utils
+from keras_lora import io_utils, lora_init
 from keras_lora import targets as targets_lib
 from keras_lora.interop import architectures, factors, safetensors_io
 from keras_lora.interop.peft_config import CONFIG_FILE, WEIGHTS_FILE
+
+
+def saved_form(layer):
+    """(A, B, rank, alpha) of a LoRA layer as an adapter file holds them.
+
+    A PiSSA/OLoRA layer's kernel is W - s·A0·B0, so its update relative to the
+    original base is s·(A·B - A0·B0): rank-2r LoRA with the same scale, as
+    `save_adapter` writes it (`lora_init.original_base_factors`).
+    """
+    if layer.lora_init is None:
+        a, b = (keras.ops.convert_to_numpy(v) for v in (layer.lora_a, layer.lora_b))
+        return a.astype("float32"), b.astype("float32"), layer.rank, layer.alpha
+    a, b = lora_init.original_base_factors(layer)
+    settings = lora_init.original_base_settings(
+        {"rank": layer.rank, "alpha": layer._alpha_arg, "use_rslora": layer.use_rslora}
+    )
+    alpha = (
+        settings["alpha"] if settings["alpha"] is not None else float(2 * layer.rank)
+    )
+    return a.astype("float32"), b.astype("float32"), 2 * layer.rank, float(alpha)
 
 
 def fuse(module, adapted):
@@ -24,13 +44,8 @@ def fuse(module, adapted):
     `rank`, `scale`, `alpha`, `use_rslora` and `dropout`.
     """
     layouts = [factors.layout(layer) for layer in module.layers]
-    values = {
-        i: [
-            keras.ops.convert_to_numpy(v).astype("float32")
-            for v in (layer.lora_a, layer.lora_b)
-        ]
-        for i, layer in adapted.items()
-    }
+    saved = {i: saved_form(layer) for i, layer in adapted.items()}
+    values = {i: saved[i][:2] for i in adapted}
     peft = {i: factors.to_peft(*values[i], layouts[i][2]) for i in adapted}
     # A conv module's B has trailing 1×1 kernel axes: (d_out, r, 1, ...).
     b_tail = peft[min(adapted)][1].shape[2:]
@@ -38,8 +53,9 @@ def fuse(module, adapted):
     starts = np.cumsum([0] + sizes)
     first = adapted[min(adapted)]
     dropout = max(layer.dropout for layer in adapted.values())
+    first_rank, first_alpha = saved[min(adapted)][2:]
     same = all(
-        layer.rank == first.rank
+        saved[i][2] == first_rank
         and layer.lora_scale == first.lora_scale
         and np.array_equal(peft[i][0], peft[min(adapted)][0])
         for i, layer in adapted.items()
@@ -47,19 +63,19 @@ def fuse(module, adapted):
     if same:
         # One shared A (what loading a fused module gives): rank r, same scale.
         a = peft[min(adapted)][0]
-        b = np.zeros((starts[-1], first.rank, *b_tail), "float32")
+        b = np.zeros((starts[-1], first_rank, *b_tail), "float32")
         for i in adapted:
             b[starts[i] : starts[i + 1]] = peft[i][1]
         record = {
-            "rank": first.rank,
+            "rank": first_rank,
             "scale": first.lora_scale,
-            "alpha": first.alpha,
+            "alpha": first_alpha,
             "use_rslora": first.use_rslora,
         }
     else:
         # Stack the factors along the rank: block i of B holds s_i·B_i, so the
         # module's own scale is 1 (alpha = rank).
-        ranks = [adapted[i].rank for i in sorted(adapted)]
+        ranks = [saved[i][2] for i in sorted(adapted)]
         total = sum(ranks)
         a = np.concatenate([peft[i][0] for i in sorted(adapted)], axis=0)
         b = np.zeros((starts[-1], total, *b_tail), "float32")
