@@ -50,6 +50,20 @@ def tiny_gpt2_backbone(num_layers=2, hidden=32):
     )
 
 
+def tiny_llama3_backbone():
+    """One block, 4 query and 2 key/value heads, hidden 32 (PEFT interop)."""
+    import keras_hub
+
+    return keras_hub.models.Llama3Backbone(
+        vocabulary_size=64,
+        num_layers=1,
+        num_query_heads=4,
+        num_key_value_heads=2,
+        hidden_dim=32,
+        intermediate_dim=48,
+    )
+
+
 def tiny_gpt2_causal_lm(num_layers=2):
     import keras_hub
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import keras_lora
-from helpers import randomize_factors
+from helpers import randomize_factors, tiny_llama3_backbone
 from keras_lora import cli
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -215,15 +215,7 @@ def test_analyze_errors(files, capsys):
 
 
 def test_inspect_peft_dora_folder_counts_the_magnitudes(tmp_path, capsys):
-    keras_hub = pytest.importorskip("keras_hub")
-    backbone = keras_hub.models.Llama3Backbone(
-        vocabulary_size=64,
-        num_layers=1,
-        num_query_heads=4,
-        num_key_value_heads=2,
-        hidden_dim=32,
-        intermediate_dim=48,
-    )
+    backbone = tiny_llama3_backbone()
     keras_lora.enable_lora(backbone, rank=2, use_dora=True)
     keras_lora.save_peft_adapter(backbone, tmp_path / "peft")
     code, out, _ = _run(["inspect", tmp_path / "peft", "--json"], capsys)
@@ -237,16 +229,8 @@ def test_inspect_peft_dora_folder_counts_the_magnitudes(tmp_path, capsys):
 
 def test_convert_peft_round_trip(tmp_path, capsys):
     """keras-lora file -> PEFT folder -> keras-lora file: the same factors."""
-    keras_hub = pytest.importorskip("keras_hub")
     pytest.importorskip("safetensors")
-    backbone = keras_hub.models.Llama3Backbone(
-        vocabulary_size=64,
-        num_layers=1,
-        num_query_heads=4,
-        num_key_value_heads=2,
-        hidden_dim=32,
-        intermediate_dim=48,
-    )
+    backbone = tiny_llama3_backbone()
     backbone.save(tmp_path / "llama.keras")
     keras_lora.enable_lora(backbone, rank=2)
     randomize_factors(backbone)

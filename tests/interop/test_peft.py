@@ -34,7 +34,7 @@ from hf_models import (  # noqa: E402
     token_ids,
 )
 
-from helpers import randomize_factors, to_numpy  # noqa: E402
+from helpers import randomize_factors, tiny_llama3_backbone, to_numpy  # noqa: E402
 
 TOLERANCE = 1e-4
 
@@ -406,14 +406,7 @@ def _write_adapter(folder, config, tensors):
 
 
 def _tiny_llama():
-    return keras_hub.models.Llama3Backbone(
-        vocabulary_size=64,
-        num_layers=1,
-        num_query_heads=4,
-        num_key_value_heads=2,
-        hidden_dim=32,
-        intermediate_dim=48,
-    )
+    return tiny_llama3_backbone()
 
 
 def _q_proj_factors(rank=2, hidden=32, out=32, layer=0):

@@ -26,7 +26,7 @@ keras_hub = pytest.importorskip("keras_hub")
 safetensors = pytest.importorskip("safetensors")
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
-from helpers import to_numpy  # noqa: E402
+from helpers import tiny_llama3_backbone, to_numpy  # noqa: E402
 
 Q_PROJ = "base_model.model.model.layers.0.self_attn.q_proj"
 F32 = np.arange(4, dtype="<f4").tobytes()
@@ -69,14 +69,7 @@ def write_adapter(folder, config=None, weights=None):
 
 
 def tiny_llama():
-    return keras_hub.models.Llama3Backbone(
-        vocabulary_size=64,
-        num_layers=1,
-        num_query_heads=4,
-        num_key_value_heads=2,
-        hidden_dim=32,
-        intermediate_dim=48,
-    )
+    return tiny_llama3_backbone()
 
 
 @pytest.fixture(scope="module")
