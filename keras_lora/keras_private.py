@@ -11,6 +11,11 @@ LoRA layer going silently wrong.
 # that the next layer receives from this tensor attribute (`_keras_mask`), set
 # by Keras's own `Embedding` through this function. No public setter exists
 # (Keras 3.15).
-from keras.src.backend import set_keras_mask
+#
+# Under a mixed policy Keras casts every float variable read inside a layer's
+# `call` to the compute dtype (bf16). DoRA's column norm must see the float32
+# kernel and magnitude (else m/‖W‖ is 1 ± 2⁻⁸ and a fresh layer is not its
+# base): `AutocastScope(None)` reads them as stored. No public API (3.15).
+from keras.src.backend import AutocastScope, set_keras_mask
 
-__all__ = ["set_keras_mask"]
+__all__ = ["AutocastScope", "set_keras_mask"]

@@ -72,3 +72,22 @@ def test_private_keras_imports_only_in_keras_private():
                 if any(m == "keras.src" or m.startswith("keras.src.") for m in modules):
                     found.append(os.path.relpath(path, PACKAGE))
     assert set(found) <= {"keras_private.py", *NOT_MOVED_YET}
+
+
+def test_autocast_scope_none_reads_float32_inside_a_bf16_call():
+    """What DoRA's norm relies on: Keras casts a float32 variable read in a
+    mixed-bf16 `call`, and `AutocastScope(None)` reads it as stored."""
+
+    class Reader(keras.layers.Layer):
+        def build(self, input_shape):
+            self.v = self.add_weight(shape=(2,), initializer="ones")
+
+        def call(self, inputs):
+            self.autocast_dtype = keras.backend.standardize_dtype(self.v.value.dtype)
+            with keras_private.AutocastScope(None):
+                self.raw_dtype = keras.backend.standardize_dtype(self.v.value.dtype)
+            return inputs
+
+    layer = Reader(dtype="mixed_bfloat16")
+    layer(np.ones((1, 2), "float32"))
+    assert (layer.autocast_dtype, layer.raw_dtype) == ("bfloat16", "float32")

@@ -24,6 +24,7 @@ outputs (`_lora_output_view`); everything else is here, once.
 import keras
 from keras import ops
 
+from keras_lora import keras_private
 from keras_lora.layers import quantized
 
 
@@ -47,11 +48,16 @@ def magnitude_shape(layer):
     return tuple(size for axis, size in enumerate(shape) if axis not in drop)
 
 
-def weight_norm(layer, kernel=None):
-    """‖W + s·ΔW‖ over the kernel's input axes, float32, magnitude-shaped."""
-    if kernel is None:
-        kernel = layer._lora_float_kernel()
-    weight = ops.add(ops.cast(kernel, "float32"), _primary_update(layer))
+def weight_norm(layer):
+    """‖W + s·ΔW‖ over the kernel's input axes, float32, magnitude-shaped.
+
+    Computed from the variables as stored (float32), also inside a `call`
+    under a mixed-precision policy, where Keras would read them as bf16.
+    """
+    with keras_private.AutocastScope(None):
+        weight = ops.add(
+            ops.cast(layer._lora_float_kernel(), "float32"), _primary_update(layer)
+        )
     axes = tuple(layer._lora_kernel_input_axes())
     return ops.sqrt(ops.sum(ops.square(weight), axis=axes))
 
@@ -91,7 +97,8 @@ def outputs(layer, base_call, base_outputs, inputs, training):
     lora = layer._lora_delta(x, False)  # dropout already applied to x
     # The norm is a constant in backward (PEFT's `weight_norm.detach()`).
     norm = ops.stop_gradient(weight_norm(layer))
-    scale = ops.divide(layer.lora_magnitude, norm)
+    with keras_private.AutocastScope(None):  # m in float32, as stored
+        scale = ops.divide(layer.lora_magnitude, norm)
     scale = ops.cast(layer._lora_output_view(scale), base_outputs.dtype)
     plain = (
         base_outputs

@@ -339,3 +339,30 @@ def test_dora_refusals():
     with pytest.raises(ValueError, match="DoRA or PiSSA.*use_dora=True"):
         with keras_lora.adapter_ids(model, ["default"]):
             pass
+
+
+def test_dora_under_a_mixed_bfloat16_policy():
+    """The norm and m are read as float32 inside the bf16 call (Keras would
+    autocast them): a fresh layer is its base exactly, and m trains."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(16, 8)).astype("float32")
+    y = rng.integers(0, 2, (16,))
+    model = keras.Sequential(
+        [
+            keras.Input((8,)),
+            keras.layers.Dense(6, name="d", dtype="mixed_bfloat16"),
+            keras.layers.Dense(2, name="head"),
+        ]
+    )
+    base = to_numpy(model(x))
+    keras_lora.enable_lora(model, rank=2, targets=["d"], use_dora=True)
+    np.testing.assert_array_equal(to_numpy(model(x)), base)
+    layer = model.get_layer("d")
+    assert layer.lora_magnitude.dtype == "float32"
+    before = to_numpy(layer.lora_magnitude)
+    model.compile(
+        optimizer=keras.optimizers.Adam(0.05),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    model.fit(x, y, epochs=2, batch_size=8, verbose=0)
+    assert np.abs(to_numpy(layer.lora_magnitude) - before).max() > 1e-3
