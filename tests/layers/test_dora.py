@@ -278,7 +278,7 @@ def test_dora_workflow_fit_files_merge_and_export(tmp_path):
 def test_dora_on_a_keras_hub_backbone_and_an_int8_base():
     batch = token_batch()
     for quantize in (None, "int8", "int4"):
-        backbone = tiny_gpt2_backbone()
+        backbone = tiny_gpt2_backbone(num_layers=1)
         if quantize:
             backbone.quantize(quantize)
         base_out = to_numpy(backbone(batch))
