@@ -275,7 +275,7 @@ def test_dora_workflow_fit_files_merge_and_export(tmp_path):
     np.testing.assert_allclose(to_numpy(model(x)), trained, atol=1e-5)
 
 
-def test_dora_on_a_keras_hub_backbone_and_an_int8_base():
+def test_dora_on_a_keras_hub_backbone_and_quantized_bases():
     batch = token_batch()
     for quantize in (None, "int8", "int4"):
         backbone = tiny_gpt2_backbone(num_layers=1)
