@@ -18,4 +18,10 @@ LoRA layer going silently wrong.
 # base): `AutocastScope(None)` reads them as stored. No public API (3.15).
 from keras.src.backend import AutocastScope, set_keras_mask
 
-__all__ = ["AutocastScope", "set_keras_mask"]
+# A block-wise (grouped) int4 kernel is dequantized by Keras's own function
+# (scale and zero point per group), so a LoRA layer's merge and DoRA's norm see
+# exactly the kernel Keras's `quantized_call` computes with. Not exported
+# under `keras.quantizers` (3.15).
+from keras.src.quantizers.quantizers import dequantize_with_sz_map
+
+__all__ = ["AutocastScope", "dequantize_with_sz_map", "set_keras_mask"]

@@ -15,9 +15,6 @@ from keras import ops
 from keras_lora import keras_private
 
 PACKAGE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "keras_lora")
-# Quantized bases (issue 12) read Keras's quantizers from `keras.src`; to move
-# into keras_private.py with a test of their own.
-NOT_MOVED_YET = {os.path.join("layers", "quantized.py")}
 
 
 class MaskRecorder(keras.layers.Layer):
@@ -71,7 +68,7 @@ def test_private_keras_imports_only_in_keras_private():
                     continue
                 if any(m == "keras.src" or m.startswith("keras.src.") for m in modules):
                     found.append(os.path.relpath(path, PACKAGE))
-    assert set(found) <= {"keras_private.py", *NOT_MOVED_YET}
+    assert set(found) <= {"keras_private.py"}
 
 
 def test_autocast_scope_none_reads_float32_inside_a_bf16_call():
@@ -91,3 +88,17 @@ def test_autocast_scope_none_reads_float32_inside_a_bf16_call():
     layer = Reader(dtype="mixed_bfloat16")
     layer(np.ones((1, 2), "float32"))
     assert (layer.autocast_dtype, layer.raw_dtype) == ("bfloat16", "float32")
+
+
+def test_dequantize_with_sz_map_gives_the_kernel_keras_computes_with():
+    """A block-wise int4 Dense: x·dequantized kernel (through the private
+    function) equals Keras's own quantized output."""
+    from keras_lora.layers import quantized
+
+    x = np.random.default_rng(0).normal(size=(3, 16)).astype("float32")
+    layer = keras.layers.Dense(8, use_bias=False)
+    layer.build((None, 16))
+    layer.quantize("int4", config=keras.quantizers.Int4QuantizationConfig(block_size=8))
+    assert layer.kernel_zero is not None  # the grouped path
+    kernel = ops.convert_to_numpy(quantized.dequantized_kernel(layer))
+    np.testing.assert_allclose(x @ kernel, ops.convert_to_numpy(layer(x)), atol=1e-4)

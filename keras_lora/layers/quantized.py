@@ -20,9 +20,9 @@ reads them.
 """
 
 import keras
-from keras import ops
-from keras.src import quantizers
-from keras.src.quantizers.quantizers import dequantize_with_sz_map
+from keras import ops, quantizers
+
+from keras_lora.keras_private import dequantize_with_sz_map
 
 # Modes whose base call is a fixed function of frozen variables, with an input
 # gradient: a LoRA path can be added after it. float8 trains its scales through
@@ -144,10 +144,8 @@ def quantization_config(layer, mode):
     if mode == layer.quantization_mode and layer.quantization_config is not None:
         return layer.quantization_config
     if mode == "int4":
-        from keras.src.quantizers.quantization_config import Int4QuantizationConfig
-
         block = _block_size(layer) if layer.quantization_mode == "int4" else None
-        return Int4QuantizationConfig(block_size=block if block else -1)
+        return quantizers.Int4QuantizationConfig(block_size=block if block else -1)
     return None
 
 
