@@ -224,6 +224,12 @@ class AdapterSet:
                 self.lora_adapter(name)
             if active == ((self._lora_primary, 1.0),):
                 active = None
+            if active and self.use_dora:
+                raise ValueError(
+                    f"Layer '{self.path}' uses DoRA, whose update is not "
+                    "additive: it runs with its adapter at weight 1 or with "
+                    f"none. Received: active={list(active)}"
+                )
         self._lora_set("_lora_active", active)
 
     def _lora_group_count(self):

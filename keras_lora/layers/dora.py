@@ -25,7 +25,7 @@ import keras
 from keras import ops
 
 from keras_lora import keras_private
-from keras_lora.layers import quantized
+from keras_lora.layers import lora_math, quantized
 
 
 def check_use_dora(use_dora, layer):
@@ -48,35 +48,40 @@ def magnitude_shape(layer):
     return tuple(size for axis, size in enumerate(shape) if axis not in drop)
 
 
-def weight_norm(layer):
-    """‖W + s·ΔW‖ over the kernel's input axes, float32, magnitude-shaped.
+def column_norm(layer, weight, keepdims=False):
+    """‖weight‖ over the kernel's input axes: one value per output unit."""
+    axes = tuple(layer._lora_kernel_input_axes())
+    return ops.sqrt(ops.sum(ops.square(weight), axis=axes, keepdims=keepdims))
 
-    Computed from the variables as stored (float32), also inside a `call`
-    under a mixed-precision policy, where Keras would read them as bf16.
+
+def adapted_weight(layer, kernel=None):
+    """W + s·A·B in float32 (`kernel`: W, default the layer's float kernel).
+
+    Read from the variables as stored (float32), also inside a `call` under a
+    mixed-precision policy, where Keras would read them as bf16.
     """
     with keras_private.AutocastScope(None):
-        weight = ops.add(
-            ops.cast(layer._lora_float_kernel(), "float32"), _primary_update(layer)
+        if kernel is None:
+            kernel = layer._lora_float_kernel()
+        return lora_math.merged_kernel(
+            kernel,
+            layer.lora_a,
+            layer.lora_b,
+            layer.lora_merge_equation,
+            layer.lora_scale,
+            dtype="float32",
         )
-    axes = tuple(layer._lora_kernel_input_axes())
-    return ops.sqrt(ops.sum(ops.square(weight), axis=axes))
+
+
+def weight_norm(layer):
+    """‖W + s·ΔW‖ over the kernel's input axes, float32, magnitude-shaped."""
+    return column_norm(layer, adapted_weight(layer))
 
 
 def base_norm(layer):
     """‖W‖ over the kernel's input axes (numpy float32): m of a zero update."""
     kernel = ops.cast(layer._lora_float_kernel(), "float32")
-    axes = tuple(layer._lora_kernel_input_axes())
-    return ops.convert_to_numpy(ops.sqrt(ops.sum(ops.square(kernel), axis=axes)))
-
-
-def _primary_update(layer):
-    """s·A·B of the layer's (only) adapter, kernel-shaped, float32."""
-    delta = ops.einsum(
-        layer.lora_merge_equation,
-        ops.cast(layer.lora_a, "float32"),
-        ops.cast(layer.lora_b, "float32"),
-    )
-    return ops.multiply(delta, layer.lora_scale)
+    return ops.convert_to_numpy(column_norm(layer, kernel))
 
 
 def reset_magnitude(layer):
@@ -116,17 +121,7 @@ def outputs(layer, base_call, base_outputs, inputs, training):
 
 def merged_kernel(layer, kernel, dtype):
     """m · (W + s·ΔW) / ‖W + s·ΔW‖ in float32, cast to `dtype`."""
-    merged = ops.add(ops.cast(kernel, "float32"), _primary_update(layer))
-    axes = tuple(layer._lora_kernel_input_axes())
-    norm = ops.sqrt(ops.sum(ops.square(merged), axis=axes, keepdims=True))
+    merged = adapted_weight(layer, kernel)
+    norm = column_norm(layer, merged, keepdims=True)
     magnitude = ops.reshape(layer.lora_magnitude, norm.shape)
     return ops.cast(ops.multiply(merged, ops.divide(magnitude, norm)), dtype)
-
-
-def check_active(layer):
-    """DoRA layers run their one adapter at weight 1, or no adapter."""
-    raise ValueError(
-        f"Layer '{layer.path}' uses DoRA, whose update is not additive: it "
-        "runs with its adapter at weight 1 or with none. "
-        f"Received: active adapters {list(layer._lora_active)}"
-    )

@@ -165,8 +165,8 @@ class LoRAEinsumDense(LoRALayer, keras.layers.EinsumDense):
         return self._lora_equations["merge"]
 
     def _lora_kernel_input_axes(self):
-        kernel, inputs = self._lora_equations["kernel"], self._lora_equations
-        return tuple(kernel.index(c) for c in inputs["input_axes"])
+        equations = self._lora_equations
+        return tuple(equations["kernel"].index(c) for c in equations["input_axes"])
 
     def _lora_output_view(self, vector):
         """A tensor over the kernel's non-input axes (kernel order), laid out

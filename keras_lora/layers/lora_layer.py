@@ -179,9 +179,7 @@ class LoRALayer(AdapterSet):
         outputs = self._lora_base_outputs(base_call, inputs, training)
         if self.use_dora and self._lora_active is None:
             outputs = dora.outputs(self, base_call, outputs, inputs, training)
-        else:
-            if self.use_dora and self._lora_active:
-                dora.check_active(self)
+        else:  # `set_lora_active` lets a DoRA layer run no adapter only
             delta = self._lora_total_delta(inputs, training)
             if delta is not None:  # None: no adapter active on this layer
                 outputs = ops.add(outputs, delta)

@@ -329,6 +329,8 @@ def test_dora_refusals():
     assert keras_lora.list_adapters(model) == ["default"]
     with pytest.raises(ValueError, match="uses DoRA.*weights=\\[0.5\\]"):
         keras_lora.set_adapter(model, ["default"], weights=[0.5])
+    with pytest.raises(ValueError, match="uses DoRA, whose update is not additive"):
+        model.get_layer("d").set_lora_active([("default", 0.5)])
     layer = model.get_layer("d")
     layer.lora_b.assign(np.full((2, 3), 0.5, "float32"))
     layer.lora_magnitude.assign(np.full((3,), 2.0, "float32"))
