@@ -416,10 +416,11 @@ def _activate(model, pairs, structure_changed=False, move_heads=True):
         if mine:
             adapted.append(layer)
             for name, _ in mine:
-                adapter = layer.lora_adapter(name)
-                factors += [adapter.a, adapter.b]
-                if layer.use_dora and name == layer._lora_primary:
-                    factors.append(layer.lora_magnitude)
+                if name == layer._lora_primary:  # A, B (and DoRA's magnitude)
+                    factors += transform.trainable_lora_variables(layer)
+                else:
+                    adapter = layer.lora_adapter(name)
+                    factors += [adapter.a, adapter.b]
     transform.set_trainable(model, True)
     transform._freeze_all_but(
         model, adapted, [by_path[p] for p in owners], factors=factors

@@ -11,6 +11,7 @@ and value before a model is touched: an unknown key (an initializer injected
 into a file, say) is an error, never honoured.
 """
 
+from keras_lora import lora_init
 from keras_lora.layers import lora_math
 
 SPEC_VERSION = 1
@@ -20,9 +21,8 @@ LAYER_KEYS = ("rank", "alpha", "dropout", "use_rslora")
 # DoRA lack it). `init` (PiSSA/OLoRA) lives only in a model's own config: the
 # adapter file of such a model is converted to apply to the original base.
 OPTIONAL_KEYS = ("use_dora",)
-MODEL_ONLY_KEYS = (
-    "init",
-)  # Initializers are recorded by `load_peft_adapter` (zeros: the values are
+MODEL_ONLY_KEYS = ("init",)
+# Initializers are recorded by `load_peft_adapter` (zeros: the values are
 # assigned right after) and travel in a saved model's own config; adapter
 # files never carry them.
 INITIALIZER_KEYS = ("a_initializer", "b_initializer")
@@ -94,7 +94,7 @@ def check_spec(spec, source, allow_initializers=False):
             fail(f"{field}.use_rslora", "must be a bool", config["use_rslora"])
         if not isinstance(config.get("use_dora", False), bool):
             fail(f"{field}.use_dora", "must be a bool", config["use_dora"])
-        if config.get("init") not in (None, "pissa", "olora"):
+        if config.get("init") not in (None, *lora_init.RESIDUAL_INITS):
             fail(f"{field}.init", "must be null, 'pissa' or 'olora'", config["init"])
         for key in INITIALIZER_KEYS:
             if key in config and not isinstance(config[key], str):
