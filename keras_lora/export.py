@@ -1,11 +1,13 @@
 """`export_merged`: write a plain `.keras` model with every update folded in.
 
 The live model is not copied. While Keras's own `save_model` writes the file,
-the model and its LoRA layers briefly wear their original classes (so the
-config names only `Dense`, `EinsumDense`, `GPT2Backbone`, ...), and each LoRA
-layer writes `W + s·A·B` in place of `W`, computed when that layer is written:
-at most one merged kernel exists at a time. Everything is put back afterwards,
-even on failure.
+the writing thread sees each LoRA layer as its original class
+(`class_view`), with its original config (so the config names only `Dense`,
+`EinsumDense`, `GPT2Backbone`, ...), and each LoRA layer writes `W + s·A·B`
+in place of `W`, computed when that layer is written: at most one merged
+kernel exists at a time. Other threads calling the model meanwhile compute
+with the LoRA layers as they are. Everything is put back afterwards, even on
+failure.
 
 A layer whose stored form changes (a quantized base written in float, a merged
 kernel written in float32 or re-quantized) is written through a `twin`: a fresh
@@ -18,6 +20,7 @@ import contextlib
 import keras
 
 from keras_lora import adapted_model, transform
+from keras_lora.class_view import class_view
 from keras_lora.io_utils import atomic_write, check_keras_path
 from keras_lora.layers import quantized
 
@@ -104,16 +107,20 @@ def _plain_view(model, layers, dtype=None, quantize=None):
     """Makes `model` serialize as its merged, pre-LoRA self, then restores it."""
     overrides = []  # (object, attribute name, previous value or _MISSING)
     classes = []  # (object, class) to restore
+    views = []  # (LoRA layer, the base class this thread sees it as)
     policies = []  # (layer, previous policy) to restore
     try:
         for layer in layers:
-            plan = _plan(layer, layer._lora_base_class_of(), dtype, quantize)
+            base_class = layer._lora_base_class_of()
+            plan = _plan(layer, base_class, dtype, quantize)
             if plan is None:
                 _write_merged_kernel(layer, overrides)
+                previous = layer.__dict__.get("get_config", _MISSING)
+                overrides.append((layer, "get_config", previous))
+                layer.__dict__["get_config"] = _base_config(layer, base_class)
             else:
                 _write_twin(layer, *plan, overrides, policies)
-            classes.append((layer, type(layer)))
-            layer.__class__ = layer._lora_base_class_of()
+            views.append((layer, base_class))
         adapted = {id(layer) for layer in layers}
         for layer in model._flatten_layers(include_self=False):
             if id(layer) not in adapted and type(layer) in _quantizable():
@@ -130,7 +137,8 @@ def _plain_view(model, layers, dtype=None, quantize=None):
         for name, value in (("optimizer", fresh), ("get_compile_config", _none)):
             overrides.append((model, name, model.__dict__.get(name, _MISSING)))
             model.__dict__[name] = value
-        yield
+        with class_view(views):
+            yield
     finally:
         for layer, policy in reversed(policies):
             _set_policy(layer, policy)
@@ -157,11 +165,15 @@ def _none():
     return None
 
 
+def _base_config(layer, base_class):
+    """`layer.get_config` as its base class writes it (no LoRA keys)."""
+    return lambda: base_class.get_config(layer)
+
+
 def _write_merged_kernel(layer, overrides):
     """Overrides `layer.save_own_variables` to write the merged kernel."""
     base_save = layer._lora_base_class_of().save_own_variables
     kernel = layer.lora_base_kernel
-    lora_class = type(layer)  # the layer wears its base class while it is written
 
     def save_own_variables(store):
         entries = {}
@@ -170,8 +182,7 @@ def _write_merged_kernel(layer, overrides):
         for key, value in entries.items():
             if value is kernel:
                 # W + s·A·B of the active adapter(s), in the kernel's dtype.
-                with adapted_model.as_class(layer, lora_class):
-                    value = layer.merged_kernel()
+                value = layer.merged_kernel()
                 found = True
             store[key] = value
         if not found:
@@ -223,7 +234,6 @@ def _write_twin(layer, base_class, mode, float_policy, overrides, policies):
     config["quantization_config"] = keras.saving.serialize_keras_object(config_of)
     config.pop("lora_rank", None)
     config.pop("lora_alpha", None)
-    lora_class = type(layer)
     live_policy = _current_policy(layer)
 
     def save_own_variables(store):
@@ -231,13 +241,12 @@ def _write_twin(layer, base_class, mode, float_policy, overrides, policies):
         # The kernel is read under the live policy (its real quantization).
         written = _set_policy(layer, live_policy)
         try:
-            with adapted_model.as_class(layer, lora_class):
-                kernel = (
-                    layer.merged_kernel("float32")
-                    if hasattr(layer, "lora_a")
-                    else quantized.dequantized_kernel(layer)
-                )
-                twin = quantized.twin(layer, base_class, kernel, mode, float_policy)
+            kernel = (
+                layer.merged_kernel("float32")
+                if hasattr(layer, "lora_a")
+                else quantized.dequantized_kernel(layer)
+            )
+            twin = quantized.twin(layer, base_class, kernel, mode, float_policy)
         finally:
             _set_policy(layer, written)
         twin.save_own_variables(store)

@@ -70,7 +70,6 @@ class AdapterSet:
     _lora_primary = "default"
     _lora_extra = None  # {name: Adapter}
     _lora_active = None  # None: the primary alone; else ((name, weight), ...)
-    _lora_current = None  # the Adapter `_lora_delta` computes (None: primary)
     _lora_example_ids = None  # int32 variable of per-example adapter indices
     _lora_example_names = ()  # the model's adapter names the ids index
 
@@ -246,21 +245,24 @@ class AdapterSet:
         """The sum of the active adapters' updates (None when there is none)."""
         if self._lora_active is not None and self._lora_example_ids is not None:
             return self._lora_mixed_delta(inputs, self._lora_example_names)
-        return self._lora_each_active(lambda: self._lora_delta(inputs, training))
+        return self._lora_each_active(
+            lambda adapter: self._lora_delta(inputs, training, adapter)
+        )
 
     def _lora_each_active(self, update):
-        """Σ weight · update() over the active adapters, `update` computing the
-        current one (`_lora_factors`, `_scaled`, `_lora_input` follow it)."""
+        """Σ weight · update(adapter) over the active adapters.
+
+        `update(adapter)` computes one adapter's update (None: the primary
+        one). The adapter is passed, not stored on the layer, so that a call
+        changes no layer state (calls from several threads stay apart).
+        """
         active = self._lora_active
         if active is None:
-            return update()  # the primary adapter alone: the fast path
+            return update(None)  # the primary adapter alone: the fast path
         total = None
         for name, weight in active:
-            self._lora_set("_lora_current", self.lora_adapter(name))
-            try:
-                delta = update()
-            finally:
-                self._lora_set("_lora_current", None)
+            primary = name == self._lora_primary
+            delta = update(None if primary else self.lora_adapter(name))
             if weight != 1.0:
                 delta = ops.multiply(delta, ops.cast(weight, delta.dtype))
             total = delta if total is None else ops.add(total, delta)

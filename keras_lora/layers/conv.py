@@ -10,17 +10,21 @@ convolutions (the kernel-shaped ΔW is never built in a step). A is stored as
 
 Keras's `BaseConv` keeps the number of spatial axes in `self.rank`, the name
 LoRA layers use for the LoRA rank (public API). The LoRA rank wins; Keras's
-own code runs with the spatial rank swapped in (`_spatial_rank`), and a merged
-layer gets it back.
+own code (its `build` and `call`) runs in `base_call_scope`, where `rank`
+reads the spatial rank, and a merged layer gets it back.
 """
 
-import contextlib
 import math
 
 import keras
 from keras import ops
 
-from keras_lora.layers.lora_layer import LoRALayer
+from keras_lora.layers.lora_layer import (
+    LoRALayer,
+    base_call_scope,
+    in_base_call,
+    stored_attribute,
+)
 
 # Spatial axis letters of the merge equation, for 1, 2 and 3 spatial axes.
 _SPATIAL = {1: "w", 2: "hw", 3: "dhw"}
@@ -66,18 +70,20 @@ class _LoRAConv(LoRALayer):
             init,
         )
 
-    @contextlib.contextmanager
-    def _spatial_rank(self):
-        """Runs Keras's conv code with `self.rank` = number of spatial axes."""
-        lora_rank = self.rank
-        self._lora_set("rank", len(self.kernel_size))
-        try:
-            yield
-        finally:
-            self._lora_set("rank", lora_rank)
+    # A property, read per thread: a call never changes the layer's state.
+    @property
+    def rank(self):
+        """The LoRA rank; the number of spatial axes to Keras's own code."""
+        if in_base_call(self):
+            return len(self.kernel_size)
+        return stored_attribute(self, "rank")
+
+    @rank.setter
+    def rank(self, value):
+        self.__dict__["rank"] = value
 
     def build(self, input_shape):
-        with self._spatial_rank():
+        with base_call_scope(self):
             super().build(input_shape)
         self._build_lora()
 
@@ -120,9 +126,9 @@ class _LoRAConv(LoRALayer):
             return ops.reshape(vector, (-1,) + (1,) * len(self.kernel_size))
         return vector
 
-    def _lora_delta(self, inputs, training):
-        a, b = self._lora_factors()
-        x = self._lora_input(inputs, training)
+    def _lora_delta(self, inputs, training, adapter=None):
+        a, b = self._lora_factors(adapter)
+        x = self._lora_input(inputs, training, adapter)
         padding = self.padding
         if padding == "causal":  # Conv1D: the base pads the same way
             x = ops.pad(x, self._compute_causal_padding())
@@ -137,13 +143,17 @@ class _LoRAConv(LoRALayer):
         )
         spatial = len(self.kernel_size)
         up = ops.reshape(b, (1,) * spatial + tuple(b.shape))  # a 1×1 kernel
-        return ops.conv(self._scaled(low_rank), up, data_format=self.data_format)
+        return ops.conv(
+            self._scaled(low_rank, adapter), up, data_format=self.data_format
+        )
 
 
 def _base_call(layer, inputs, training=None):
-    """The base class's own `call` (it takes no `training` argument)."""
-    with layer._spatial_rank():
-        return layer._lora_base.call(layer, inputs)
+    """The base class's own `call` (it takes no `training` argument).
+
+    Runs inside `base_call_scope` (`LoRALayer._lora_base_outputs`), where
+    `rank` is Keras's spatial rank."""
+    return layer._lora_base.call(layer, inputs)
 
 
 _DOC = """{base} layer with a frozen kernel and a trainable rank-r update.

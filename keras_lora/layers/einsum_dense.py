@@ -16,7 +16,7 @@ import string
 import keras
 from keras import ops
 
-from keras_lora.layers import quantized
+from keras_lora.layers import low_rank, quantized
 from keras_lora.layers.lora_layer import LoRALayer
 
 _SPEC = r"([a-zA-Z]*(?:\.\.\.)?[a-zA-Z]*)"
@@ -197,7 +197,7 @@ class LoRAEinsumDense(LoRALayer, keras.layers.EinsumDense):
         (in kernel order) and the output is the input's other axes followed by
         the kernel's output axes (in kernel order), as for every KerasHub
         attention projection. Two plain matmuls are cheaper than einsums on
-        PyTorch and let `_lora_down` lay A out for its backward pass.
+        PyTorch and let `low_rank.torch_down` lay A out for its backward pass.
         """
         eq = self._lora_equations
         inputs = eq["down"].split(",")[0]
@@ -210,20 +210,20 @@ class LoRAEinsumDense(LoRALayer, keras.layers.EinsumDense):
             and output == kept + "".join(eq["output_axes"])
         )
 
-    def _lora_delta(self, inputs, training):
-        a, b = self._lora_factors()
+    def _lora_base_outputs(self, base_call, inputs, training):
+        if base_call is not keras.layers.EinsumDense.call:
+            return super()._lora_base_outputs(base_call, inputs, training)
+        # A float base, the hot path: `EinsumDense.call` before its
+        # activation, written out (no scope to enter, one frame fewer).
+        x = ops.einsum(self.equation, inputs, self.kernel)
+        return x if self.bias is None else ops.add(x, self.bias)
+
+    def _lora_delta(self, inputs, training, adapter=None):
+        a, b = self._lora_factors(adapter)
         equations = self._lora_equations
-        lora_inputs = self._lora_input(inputs, training)
+        lora_inputs = self._lora_input(inputs, training, adapter)
         if self._lora_is_matmul():
-            d_in = math.prod(a.shape[:-1])
-            low_rank = ops.matmul(
-                ops.reshape(lora_inputs, (-1, d_in)), self._lora_down(a)
-            )
-            update = ops.matmul(
-                self._scaled(low_rank), ops.reshape(b, (b.shape[0], -1))
-            )
-            # The output's shape: the input's kept axes, then B's output axes.
-            kept = ops.shape(inputs)[: len(ops.shape(inputs)) - (len(a.shape) - 1)]
-            return ops.reshape(update, (*kept, *b.shape[1:]))
-        low_rank = ops.einsum(equations["down"], lora_inputs, a)
-        return ops.einsum(equations["up"], self._scaled(low_rank), b)
+            scale = self._lora_scale_of(adapter)
+            return low_rank.matmul_update(lora_inputs, a, b, scale)
+        low = ops.einsum(equations["down"], lora_inputs, a)
+        return ops.einsum(equations["up"], self._scaled(low, adapter), b)

@@ -5,7 +5,12 @@ from keras import ops
 
 from keras_lora.keras_private import set_keras_mask
 from keras_lora.layers import quantized
-from keras_lora.layers.lora_layer import LoRALayer
+from keras_lora.layers.lora_layer import (
+    LoRALayer,
+    base_call_scope,
+    in_base_call,
+    stored_attribute,
+)
 
 # PEFT's choice for embeddings: the gathered factor starts at zero and the
 # other one is random, so ΔW = 0 at start and both factors get gradients.
@@ -69,12 +74,12 @@ class _LoRALookup(LoRALayer):
         outputs = base_call(self, inputs)
         return ops.add(outputs, self._lora_delta(inputs, training))
 
-    def _lora_delta(self, inputs, training):
+    def _lora_delta(self, inputs, training, adapter=None):
         if inputs.dtype != "int32" and inputs.dtype != "int64":
             inputs = ops.cast(inputs, "int32")
-        a, b = self._lora_factors()
-        low_rank = self._lora_input(ops.take(a, inputs, axis=0), training)
-        return ops.matmul(self._scaled(low_rank), b)
+        a, b = self._lora_factors(adapter)
+        low_rank = self._lora_input(ops.take(a, inputs, axis=0), training, adapter)
+        return ops.matmul(self._scaled(low_rank, adapter), b)
 
     @classmethod
     def adapt(
@@ -166,12 +171,21 @@ if hasattr(keras.layers, "ReversibleEmbedding"):
 
         def _int_reverse(self, inputs):
             # Keras's quantized logits without the soft cap (applied after
-            # the low-rank term, in `_reverse`).
-            cap, self.logit_soft_cap = self.logit_soft_cap, None
-            try:
+            # the low-rank term, in `_reverse`): see `logit_soft_cap`.
+            with base_call_scope(self):
                 return keras.layers.Layer.quantized_call(self, inputs, reverse=True)
-            finally:
-                self.logit_soft_cap = cap
+
+        # Read per thread, like `LoRALayer.activation`: Keras's quantized
+        # reverse call sees no cap, every other reader the real one.
+        @property
+        def logit_soft_cap(self):
+            if in_base_call(self):
+                return None
+            return stored_attribute(self, "logit_soft_cap")
+
+        @logit_soft_cap.setter
+        def logit_soft_cap(self, value):
+            self.__dict__["logit_soft_cap"] = value
 
         def _forward_with_mask(self, lookup, inputs, training):
             outputs = lookup(inputs, training=training)
@@ -190,15 +204,15 @@ if hasattr(keras.layers, "ReversibleEmbedding"):
                 kernel = ops.cast(kernel, self.reverse_dtype)
             return ops.matmul(inputs, kernel)
 
-        def _tied_update(self, inputs):
-            """`s·(x Bᵀ) Aᵀ` of the current adapter (the logits' update)."""
-            a, b = self._lora_factors()
+        def _tied_update(self, inputs, adapter=None):
+            """`s·(x Bᵀ) Aᵀ` of `adapter` (the logits' update)."""
+            a, b = self._lora_factors(adapter)
             if self.reverse_dtype is not None and self.quantization_mode is None:
                 inputs = ops.cast(inputs, self.reverse_dtype)
                 a = ops.cast(a, self.reverse_dtype)
                 b = ops.cast(b, self.reverse_dtype)
             low_rank = ops.matmul(ops.cast(inputs, b.dtype), ops.transpose(b))
-            return ops.matmul(self._scaled(low_rank), ops.transpose(a))
+            return ops.matmul(self._scaled(low_rank, adapter), ops.transpose(a))
 
         def _reverse(self, base, inputs):
             """Logits: the base's, plus `s·(x Bᵀ) Aᵀ` when the table is tied."""
@@ -210,7 +224,9 @@ if hasattr(keras.layers, "ReversibleEmbedding"):
                         f"the tied logits of layer '{self.path}': adapt the "
                         "attention layers, not the embedding."
                     )
-                update = self._lora_each_active(lambda: self._tied_update(inputs))
+                update = self._lora_each_active(
+                    lambda adapter: self._tied_update(inputs, adapter)
+                )
                 if update is not None:
                     logits = ops.add(logits, ops.cast(update, logits.dtype))
             if self.logit_soft_cap is not None:

@@ -13,13 +13,15 @@ changes its class in place, so every reference held by a Functional graph or a
 KerasHub block stays valid) and turn back into its base class (`merge_lora`).
 """
 
-import math
+import contextlib
+import threading
 
 import keras
 from keras import ops
 
 from keras_lora import lora_init
-from keras_lora.layers import dora, layouts, lora_math, quantized
+from keras_lora.class_view import ClassViewMixin
+from keras_lora.layers import dora, layouts, lora_math, low_rank, quantized
 from keras_lora.layers.adapter_set import AdapterSet
 
 # Instance attributes a LoRA layer adds to its base layer.
@@ -42,13 +44,46 @@ _LORA_ATTRIBUTES = (
     "_lora_primary",
     "_lora_extra",
     "_lora_active",
-    "_lora_current",
     "_lora_example_ids",
     "_lora_example_names",
 )
 
 
-class LoRALayer(AdapterSet):
+# The layer whose base class's `call` this thread is running (see
+# `LoRALayer.activation`). Thread-local: a forward pass changes no shared
+# state, so several threads can call one model (a serving thread, a
+# `tf.data` map, a callback) and each gets its own outputs.
+_BASE_CALL = threading.local()
+
+
+@contextlib.contextmanager
+def base_call_scope(layer):
+    """Within it, on this thread, `layer`'s base call sees no activation."""
+    previous = getattr(_BASE_CALL, "layer", None)
+    _BASE_CALL.layer = layer
+    try:
+        yield
+    finally:
+        _BASE_CALL.layer = previous
+
+
+def in_base_call(layer):
+    """True while this thread runs `layer`'s base call (`base_call_scope`)."""
+    return getattr(_BASE_CALL, "layer", None) is layer
+
+
+def stored_attribute(layer, name):
+    """`layer.__dict__[name]`, or AttributeError (what `getattr` expects of a
+    property whose value is not set yet)."""
+    try:
+        return layer.__dict__[name]
+    except KeyError:
+        raise AttributeError(
+            f"'{type(layer).__name__}' object has no attribute '{name}'"
+        ) from None
+
+
+class LoRALayer(ClassViewMixin, AdapterSet):
     """Mixin placed before the Keras base class in every LoRA layer."""
 
     # The Keras base class, and its attribute that holds the kernel variable.
@@ -175,27 +210,44 @@ class LoRALayer(AdapterSet):
         return self._lora_forward(self._lora_base.quantized_call, inputs, training)
 
     def _lora_forward(self, base_call, inputs, training):
-        activation = self.activation
         outputs = self._lora_base_outputs(base_call, inputs, training)
         if self.use_dora and self._lora_active is None:
             outputs = dora.outputs(self, base_call, outputs, inputs, training)
-        else:  # `set_lora_active` lets a DoRA layer run no adapter only
+        elif self._lora_active is None:  # the primary adapter alone
+            outputs = low_rank.add(outputs, self._lora_delta(inputs, training))
+        else:
             delta = self._lora_total_delta(inputs, training)
             if delta is not None:  # None: no adapter active on this layer
                 outputs = ops.add(outputs, delta)
+        activation = self.activation
         return outputs if activation is None else activation(outputs)
 
     def _lora_base_outputs(self, base_call, inputs, training):
-        """The base class's output before its activation."""
-        # Keras applies the activation inside `call`; the update must come
-        # before it, so the base runs without it. (Keras's `RematScope`
-        # "activations" mode swaps `self.activation` the same way.)
-        activation = self.activation
-        self.activation = None
-        try:
+        """The base class's output before its activation.
+
+        Keras applies the activation inside `call`; the update must come
+        before it, so the base runs with `self.activation` reading None on
+        this thread for this layer (see `activation`). No state of the layer
+        changes: other threads calling it meanwhile see the real activation.
+        """
+        with base_call_scope(self):
             return base_call(self, inputs, training=training)
-        finally:
-            self.activation = activation
+
+    # Keras's base classes read `self.activation` inside `call`. A property
+    # (a data descriptor, so it takes precedence over the instance attribute
+    # Keras set) hides it from the base call only; the value itself stays
+    # where Keras put it, in the instance's `__dict__`, so a layer turned
+    # back into its base class keeps its activation.
+    @property
+    def activation(self):
+        if in_base_call(self):
+            return None
+        # An AttributeError on layer types without one (Embedding).
+        return stored_attribute(self, "activation")
+
+    @activation.setter
+    def activation(self, value):
+        self.__dict__["activation"] = value
 
     # How a per-output-unit vector (DoRA's magnitude) meets the kernel and
     # the outputs. Dense's layout; the other layer types override these.
@@ -213,11 +265,15 @@ class LoRALayer(AdapterSet):
         bias = getattr(self, "bias", None)
         return None if bias is None else self._lora_output_view(bias)
 
-    def _lora_delta(self, inputs, training):
-        """Returns s·(dropout(x)·A)·B shaped like the output. Subclasses define it."""
+    def _lora_delta(self, inputs, training, adapter=None):
+        """Returns s·(dropout(x)·A)·B shaped like the output.
+
+        `adapter` is the named adapter to compute (None: the primary one, the
+        fast path). Subclasses define it.
+        """
         raise NotImplementedError
 
-    def _lora_input(self, x, training):
+    def _lora_input(self, x, training, adapter=None):
         """Dropout on the LoRA path's input, in training only.
 
         `self.dropout` is tested first: under `keras.RematScope` on JAX,
@@ -225,8 +281,7 @@ class LoRALayer(AdapterSet):
         branch on. With dropout and a traced flag, both paths are computed and
         `where` picks one.
         """
-        current = self._lora_current  # a named adapter, or None: the primary
-        dropout = current.dropout if current else self.dropout
+        dropout = adapter.dropout if adapter else self.dropout
         if not dropout or training is None or training is False:
             return x
         if training is not True and keras.backend.backend() == "jax":
@@ -239,39 +294,27 @@ class LoRALayer(AdapterSet):
                 "`RematScope(mode='activations')`. "
                 f"Received: dropout={dropout}"
             )
-        seed = current.seed_generator if current else self.lora_seed_generator
+        seed = adapter.seed_generator if adapter else self.lora_seed_generator
         dropped = keras.random.dropout(x, dropout, seed=seed)
         if training is True:
             return dropped
         return ops.where(ops.cast(training, "bool"), dropped, x)
 
-    def _lora_factors(self):
+    def _lora_factors(self, adapter=None):
         """The factors in the compute dtype (they are stored in float32)."""
         dtype = self.compute_dtype
-        current = self._lora_current
-        a, b = (current.a, current.b) if current else (self.lora_a, self.lora_b)
+        a, b = (adapter.a, adapter.b) if adapter else (self.lora_a, self.lora_b)
         if a.dtype != dtype:
-            a, b = ops.cast(a, dtype), ops.cast(b, dtype)
-        return a, b
+            return ops.cast(a, dtype), ops.cast(b, dtype)
+        return a.value, b.value
 
-    def _lora_down(self, a):
-        """A as a `(d_in, rank)` matrix for `x @ A`, stored column-major.
-
-        Same values as `reshape(A, (d_in, rank))`, but held as a contiguous
-        copy of Aᵀ seen through a transpose (a copy of d_in·r numbers). On
-        PyTorch this makes autograd compute dA as `(dhᵀ x)ᵀ` instead of
-        `xᵀ dh`, a GEMM orientation its CPU kernels run several times faster
-        (see docs/benchmarks.md); XLA (JAX, TensorFlow) picks its own layouts.
-        """
-        d_in, rank = math.prod(a.shape[:-1]), a.shape[-1]
-        a_t = ops.transpose(ops.reshape(a, (d_in, rank)))
-        a_t = ops.reshape(ops.reshape(a_t, (d_in * rank,)), (rank, d_in))
-        return ops.transpose(a_t)
-
-    def _scaled(self, x):
+    def _scaled(self, x, adapter=None):
         """Multiplies the small rank-r intermediate by s (skipped when s = 1)."""
-        scale = self._lora_current.scale if self._lora_current else self.lora_scale
-        return x if scale == 1.0 else ops.multiply(x, scale)
+        return low_rank.scaled(x, self._lora_scale_of(adapter))
+
+    def _lora_scale_of(self, adapter=None):
+        """s of `adapter` (None: the primary adapter)."""
+        return adapter.scale if adapter else self.lora_scale
 
     def merged_kernel(self, dtype=None):
         """Returns dequant(W) + s·ΔW for merge and export.
