@@ -9,6 +9,7 @@ query kernel `(hidden, heads, head_dim)`, A is `(hidden, r)` and B is
 the last axis, which is not the paper's update and costs far more parameters.)
 """
 
+import functools
 import math
 import re
 import string
@@ -200,14 +201,12 @@ class LoRAEinsumDense(LoRALayer, keras.layers.EinsumDense):
         PyTorch and let `low_rank.torch_down` lay A out for its backward pass.
         """
         eq = self._lora_equations
-        inputs = eq["down"].split(",")[0]
-        output = eq["up"].split("->")[1]
-        contracted = "".join(eq["input_axes"])
-        kept = inputs[: len(inputs) - len(contracted)]
-        return (
-            not eq["group_axes"]
-            and inputs.endswith(contracted)
-            and output == kept + "".join(eq["output_axes"])
+        return _is_matmul(
+            eq["down"],
+            eq["up"],
+            "".join(eq["input_axes"]),
+            "".join(eq["output_axes"]),
+            bool(eq["group_axes"]),
         )
 
     def _lora_base_outputs(self, base_call, inputs, training):
@@ -227,3 +226,12 @@ class LoRAEinsumDense(LoRALayer, keras.layers.EinsumDense):
             return low_rank.matmul_update(lora_inputs, a, b, scale)
         low = ops.einsum(equations["down"], lora_inputs, a)
         return ops.einsum(equations["up"], self._scaled(low, adapter), b)
+
+
+@functools.lru_cache(maxsize=256)
+def _is_matmul(down, up, contracted, output_axes, grouped):
+    """`LoRAEinsumDense._lora_is_matmul`, cached: it runs on every call."""
+    inputs = down.split(",")[0]
+    output = up.split("->")[1]
+    kept = inputs[: len(inputs) - len(contracted)]
+    return not grouped and inputs.endswith(contracted) and output == kept + output_axes

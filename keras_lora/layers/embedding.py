@@ -8,8 +8,7 @@ from keras_lora.layers import quantized
 from keras_lora.layers.lora_layer import (
     LoRALayer,
     base_call_scope,
-    in_base_call,
-    stored_attribute,
+    hidden_in_base_call,
 )
 
 # PEFT's choice for embeddings: the gathered factor starts at zero and the
@@ -177,15 +176,7 @@ if hasattr(keras.layers, "ReversibleEmbedding"):
 
         # Read per thread, like `LoRALayer.activation`: Keras's quantized
         # reverse call sees no cap, every other reader the real one.
-        @property
-        def logit_soft_cap(self):
-            if in_base_call(self):
-                return None
-            return stored_attribute(self, "logit_soft_cap")
-
-        @logit_soft_cap.setter
-        def logit_soft_cap(self, value):
-            self.__dict__["logit_soft_cap"] = value
+        logit_soft_cap = hidden_in_base_call("logit_soft_cap")
 
         def _forward_with_mask(self, lookup, inputs, training):
             outputs = lookup(inputs, training=training)

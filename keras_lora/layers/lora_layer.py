@@ -72,6 +72,19 @@ def in_base_call(layer):
     return getattr(_BASE_CALL, "layer", None) is layer
 
 
+def hidden_in_base_call(name):
+    """A property that reads None inside `base_call_scope` (on that thread,
+    for that layer) and the instance's own value everywhere else."""
+
+    def get(self):
+        return None if in_base_call(self) else stored_attribute(self, name)
+
+    def set(self, value):
+        self.__dict__[name] = value
+
+    return property(get, set)
+
+
 def stored_attribute(layer, name):
     """`layer.__dict__[name]`, or AttributeError (what `getattr` expects of a
     property whose value is not set yet)."""
@@ -233,21 +246,12 @@ class LoRALayer(ClassViewMixin, AdapterSet):
         with base_call_scope(self):
             return base_call(self, inputs, training=training)
 
-    # Keras's base classes read `self.activation` inside `call`. A property
-    # (a data descriptor, so it takes precedence over the instance attribute
-    # Keras set) hides it from the base call only; the value itself stays
-    # where Keras put it, in the instance's `__dict__`, so a layer turned
-    # back into its base class keeps its activation.
-    @property
-    def activation(self):
-        if in_base_call(self):
-            return None
-        # An AttributeError on layer types without one (Embedding).
-        return stored_attribute(self, "activation")
-
-    @activation.setter
-    def activation(self, value):
-        self.__dict__["activation"] = value
+    # Keras's base classes apply `self.activation` inside `call`; the update
+    # must come before it. A property (a data descriptor, so it takes
+    # precedence over the instance attribute Keras set) reads None in the
+    # base call only; the value stays where Keras put it, in the instance's
+    # `__dict__`, so a layer turned back into its base class keeps it.
+    activation = hidden_in_base_call("activation")
 
     # How a per-output-unit vector (DoRA's magnitude) meets the kernel and
     # the outputs. Dense's layout; the other layer types override these.

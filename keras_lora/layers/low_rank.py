@@ -89,8 +89,8 @@ def torch_down(a):
     copy of d_in·r numbers). Autograd then computes dA as `(dhᵀ x)ᵀ` instead
     of `xᵀ dh`, a GEMM orientation PyTorch's CPU kernels run several times
     faster (see docs/benchmarks.md). Skipped where it cannot pay: without
-    autograd (inference) and off the CPU (not measured to pay on CUDA).
+    autograd (inference) and on CUDA (not measured to pay there).
     """
-    if a.requires_grad and a.device.type == "cpu" and torch.is_grad_enabled():
+    if torch.is_grad_enabled() and a.requires_grad and a.device.type == "cpu":
         return a.t().contiguous().t()
     return a

@@ -1,0 +1,78 @@
+"""What the benchmarks need to know of the device: its name, its peak memory.
+
+On a GPU, a step's time means something only once the device has finished
+(every timed function here converts its result to NumPy, which waits), and
+its memory is the device's, not the process's RSS: JAX's `memory_stats()`
+and `torch.cuda.max_memory_allocated()` report the allocator's peak.
+"""
+
+import functools
+
+
+def _backend():
+    import keras
+
+    return keras.backend.backend()
+
+
+def describe():
+    """A short description of the device the backend computes on."""
+    backend = _backend()
+    if backend == "jax":
+        import jax
+
+        device = jax.devices()[0]
+        return f"jax {jax.__version__} {device.platform}: {device.device_kind}"
+    if backend == "torch":
+        import torch
+
+        if torch.cuda.is_available():
+            return f"torch {torch.__version__} cuda: {torch.cuda.get_device_name()}"
+        return f"torch {torch.__version__} cpu"
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    return f"tensorflow {tf.__version__} {'gpu' if gpus else 'cpu'}"
+
+
+def on_gpu():
+    return " cuda" in describe() or " gpu" in describe()
+
+
+def reset_peak_memory():
+    """Starts a new peak (PyTorch; JAX keeps one peak per process)."""
+    if _backend() == "torch":
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory_bytes():
+    """The device allocator's peak, or None on a CPU (use RSS there)."""
+    backend = _backend()
+    if backend == "jax":
+        import jax
+
+        stats = jax.devices()[0].memory_stats() or {}
+        return stats.get("peak_bytes_in_use")
+    if backend == "torch":
+        import torch
+
+        if torch.cuda.is_available():
+            return int(torch.cuda.max_memory_allocated())
+    return None
+
+
+def no_grad(function):
+    """`function` run without recording gradients (PyTorch; others as is)."""
+    if _backend() != "torch":
+        return function
+    import torch
+
+    @functools.wraps(function)
+    def wrapped(*args, **kwargs):
+        with torch.no_grad():
+            return function(*args, **kwargs)
+
+    return wrapped
