@@ -72,13 +72,15 @@ def call_overhead(rounds=9, calls=300):
 
 
 def _randomize_factors(model, seed=1):
+    """The same non-zero A and B on every model (fresh A is random per model)."""
     import numpy as np
 
     import keras_lora
 
     rng = np.random.default_rng(seed)
     for layer in keras_lora.lora_layers(model):
-        layer.lora_b.assign(rng.normal(0, 0.02, layer.lora_b.shape))
+        for factor in (layer.lora_a, layer.lora_b):
+            factor.assign(rng.normal(0, 0.02, factor.shape))
 
 
 def forward(config, rounds=9, steps=3, batches=(1, 8), jit_compile="auto"):
