@@ -123,7 +123,9 @@ def test_bad_adapter_files(trained, adapter_file, tmp_path):
         keras_lora.load_adapter(model, garbage)
     foreign = tmp_path / "foreign.keras"
     fresh_classifier().save(foreign)  # a whole model, not an adapter
-    with pytest.raises(ValueError, match="foreign.keras' is not a keras-lora adapter file"):
+    with pytest.raises(
+        ValueError, match="foreign.keras' is not a keras-lora adapter file"
+    ):
         keras_lora.load_adapter(model, foreign)
     assert not keras_lora.lora_layers(model)
     with pytest.raises(ValueError, match="not adapted"):
