@@ -9,7 +9,6 @@ query kernel `(hidden, heads, head_dim)`, A is `(hidden, r)` and B is
 the last axis, which is not the paper's update and costs far more parameters.)
 """
 
-import functools
 import math
 import re
 import string
@@ -150,7 +149,9 @@ class LoRAEinsumDense(LoRALayer, keras.layers.EinsumDense):
         self._build_lora()
 
     def _lora_layout(self):
-        self._lora_equations = split_einsum_equation(self.equation)
+        equations = split_einsum_equation(self.equation)
+        # Read on every call: decided once here.
+        self._lora_equations = {**equations, "is_matmul": _is_matmul(equations)}
         kernel_axes = self._lora_equations["kernel"]
         size = dict(zip(kernel_axes, quantized.kernel_shape(self)))
         dims = lambda axes: [size[c] for c in axes]  # noqa: E731
@@ -200,14 +201,7 @@ class LoRAEinsumDense(LoRALayer, keras.layers.EinsumDense):
         attention projection. Two plain matmuls are cheaper than einsums on
         PyTorch and let `low_rank.torch_down` lay A out for its backward pass.
         """
-        eq = self._lora_equations
-        return _is_matmul(
-            eq["down"],
-            eq["up"],
-            "".join(eq["input_axes"]),
-            "".join(eq["output_axes"]),
-            bool(eq["group_axes"]),
-        )
+        return self._lora_equations["is_matmul"]
 
     def _lora_base_outputs(self, base_call, inputs, training):
         if base_call is not keras.layers.EinsumDense.call:
@@ -228,10 +222,14 @@ class LoRAEinsumDense(LoRALayer, keras.layers.EinsumDense):
         return ops.einsum(equations["up"], self._scaled(low, adapter), b)
 
 
-@functools.lru_cache(maxsize=256)
-def _is_matmul(down, up, contracted, output_axes, grouped):
-    """`LoRAEinsumDense._lora_is_matmul`, cached: it runs on every call."""
-    inputs = down.split(",")[0]
-    output = up.split("->")[1]
+def _is_matmul(eq):
+    """See `LoRAEinsumDense._lora_is_matmul`."""
+    inputs = eq["down"].split(",")[0]
+    output = eq["up"].split("->")[1]
+    contracted = "".join(eq["input_axes"])
     kept = inputs[: len(inputs) - len(contracted)]
-    return not grouped and inputs.endswith(contracted) and output == kept + output_axes
+    return (
+        not eq["group_axes"]
+        and inputs.endswith(contracted)
+        and output == kept + "".join(eq["output_axes"])
+    )
