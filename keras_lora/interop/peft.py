@@ -179,7 +179,7 @@ def load_peft_adapter(model, path, name=None):
         transform.revert(model, merge=False, optimizer=optimizer)
         raise
     if adapter_name is not None:
-        named_adapters._rename_first(model, adapter_name)
+        named_adapters.rename_first(model, adapter_name)
     return model
 
 
