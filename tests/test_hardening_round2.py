@@ -8,13 +8,12 @@ import json
 import os
 import sys
 
-import keras
 import numpy as np
 import pytest
+from test_hardening import mlp
 
 import keras_lora
 from helpers import to_numpy
-from test_hardening import mlp
 
 X = np.random.default_rng(0).normal(size=(4, 8)).astype("float32")
 PACKAGE = os.path.dirname(keras_lora.__file__)
