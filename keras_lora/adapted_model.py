@@ -36,6 +36,7 @@ class AdaptedModel:
     def get_config(self):
         from keras_lora import named_adapters
 
+        check_outside_adapter_ids(self, "`model.save` (`get_config`)")
         with as_class(self, self._keras_lora_base):
             inner = keras.saving.serialize_keras_object(self)
         # The outer object recompiles after LoRA is on: drop the inner copy.
@@ -120,6 +121,30 @@ def original_class(model):
 
 def is_adapted(model):
     return isinstance(model, AdaptedModel)
+
+
+# Set on a model while a `keras_lora.adapter_ids` block runs (mixed_batch.py).
+IDS_BLOCK = "_keras_lora_ids_block"
+
+
+def check_outside_adapter_ids(model, action):
+    """Raises if `model` is inside an `adapter_ids` block.
+
+    Inside, the layers compute per-example adapters and the model tracks its
+    int32 ids variable: changing the active set, merging or saving there
+    would act on (or write) that serving state.
+
+    Args:
+        model: a Keras model.
+        action: what was called, for the message (e.g. "`merge_lora`").
+    """
+    if model.__dict__.get(IDS_BLOCK):
+        raise ValueError(
+            f"{action} cannot run inside a `keras_lora.adapter_ids` block of "
+            f"model '{model.name}': leave the block first (it is for "
+            "per-example inference only; train each adapter after "
+            "`keras_lora.set_adapter(model, name)`)."
+        )
 
 
 @contextlib.contextmanager

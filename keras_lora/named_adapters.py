@@ -24,7 +24,7 @@ import numbers
 import keras
 import numpy as np
 
-from keras_lora import atomic, transform
+from keras_lora import adapted_model, atomic, transform
 from keras_lora.layers.adapter_set import check_adapter_name
 from keras_lora.layers.lora_layer import LoRALayer
 
@@ -362,6 +362,7 @@ def _activate(model, pairs, structure_changed=False, move_heads=True):
         move_heads: swap head values between owners (False when reloading a
             saved model, whose variables get the saved owners' values next).
     """
+    adapted_model.check_outside_adapter_ids(model, "Changing the adapters")
     by_path = transform._layers_by_path(model)
     specs = model._keras_lora_adapters.values()
     heads = [by_path[p] for spec in specs for p in spec["train_layers"]]

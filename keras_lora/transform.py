@@ -377,6 +377,7 @@ def merge_lora(model):
         The same model object, with no LoRA layer and no LoRA variable left.
     """
     check_model(model)
+    adapted_model.check_outside_adapter_ids(model, "`merge_lora`")
     if not lora_layers(model):
         raise ValueError(
             f"Model '{model.name}' has no LoRA layer to merge. Call "

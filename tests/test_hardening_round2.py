@@ -8,6 +8,7 @@ import json
 import os
 import sys
 
+import keras
 import numpy as np
 import pytest
 from test_hardening import mlp
@@ -179,3 +180,100 @@ def test_interrupted_load_adapter_leaves_the_model_as_it_was(adapter_file, onto)
     if name is not None:
         keras_lora.set_adapter(model, name)
     np.testing.assert_allclose(to_numpy(model(X)), to_numpy(reference(X)), atol=1e-6)
+
+
+# Items 2 and 4: adapter_ids nested and misused.
+
+IDS = ["one", "two", None, "two"]
+
+
+def ids_model():
+    """Two adapters without trained heads (per-example adapters refuse heads)."""
+    model = mlp()
+    keras_lora.add_adapter(model, "one", rank=2, targets=["hidden"])
+    keras_lora.add_adapter(model, "two", rank=3, targets=["hidden", "head"])
+    randomize(model)
+    return model
+
+
+def per_example_expected(model, ids):
+    """Row i computed with adapter ids[i] alone."""
+    rows = {}
+    for name in set(ids):
+        keras_lora.set_adapter(model, name)
+        rows[name] = to_numpy(model(X))
+    keras_lora.set_adapter(model, "one")
+    return np.stack([rows[name][i] for i, name in enumerate(ids)])
+
+
+def assert_left_clean(model, tmp_path, expected):
+    """Outside the block: no ids variable, outputs of "one", saves and loads."""
+    assert keras_lora.named_adapters.active_adapters(model) == [("one", 1.0)]
+    assert not [v for v in model.weights if "adapter_ids" in v.path]
+    np.testing.assert_allclose(
+        to_numpy(model.predict(X, verbose=0)), expected, atol=1e-5
+    )
+    model.save(tmp_path / "after.keras")
+    loaded = keras.saving.load_model(tmp_path / "after.keras")
+    np.testing.assert_allclose(to_numpy(loaded(X)), expected, atol=1e-5)
+
+
+def test_nested_adapter_ids_is_refused_and_leaves_no_state(tmp_path):
+    model = ids_model()
+    outside = to_numpy(model.predict(X, verbose=0))
+    expected = per_example_expected(model, IDS)
+    with keras_lora.adapter_ids(model, IDS):
+        with pytest.raises(ValueError, match="nested `adapter_ids`.*leave the block"):
+            with keras_lora.adapter_ids(model, ["two", "two", "one", None]):
+                pass
+        # The outer block still computes its own ids.
+        np.testing.assert_allclose(
+            to_numpy(model.predict(X, batch_size=4, verbose=0)), expected, atol=1e-5
+        )
+    assert_left_clean(model, tmp_path, outside)
+
+
+def test_adapter_ids_misuse_is_a_clear_error_and_leaves_no_state(tmp_path):
+    model = ids_model()
+    outside = to_numpy(model.predict(X, verbose=0))
+    expected = per_example_expected(model, IDS)
+    calls = {
+        "set_adapter": lambda: keras_lora.set_adapter(model, "two"),
+        "add_adapter": lambda: keras_lora.add_adapter(model, "three", rank=2),
+        "delete_adapter": lambda: keras_lora.delete_adapter(model, "two"),
+        "merge_lora": lambda: keras_lora.merge_lora(model),
+        "model.save": lambda: model.save(tmp_path / "inside.keras"),
+        "export_merged": lambda: keras_lora.export_merged(
+            model, tmp_path / "merged.keras"
+        ),
+    }
+    with keras_lora.adapter_ids(model, IDS):
+        for call in calls.values():
+            with pytest.raises(ValueError, match="inside a `keras_lora.adapter_ids`"):
+                call()
+        # A batch of another size than len(ids): the last batch of predict.
+        # TensorFlow retraces the last batch for any batch size: "unknown".
+        with pytest.raises(ValueError, match=r"= 4 examples.*batch of (2|unknown)"):
+            model.predict(np.concatenate([X, X[:2]]), batch_size=4, verbose=0)
+        with pytest.raises(ValueError, match=r"= 4 examples.*batch of (2|unknown)"):
+            model.predict(X[:2], verbose=0)  # the first batch fails
+        with pytest.raises(ValueError, match="training=True"):
+            model(X, training=True)
+        np.testing.assert_allclose(to_numpy(model(X)), expected, atol=1e-5)
+    assert not os.listdir(tmp_path)  # nothing written
+    # A single id is not broadcast over a batch.
+    with keras_lora.adapter_ids(model, ["two"]):
+        with pytest.raises(ValueError, match=r"exactly len\(ids\) = 1.*batch of 4"):
+            model(X)
+    assert_left_clean(model, tmp_path, outside)
+
+
+def test_fit_inside_adapter_ids_is_refused():
+    model = ids_model()
+    model.compile(optimizer="sgd", loss="mse")
+    before = [to_numpy(v) for v in model.weights]
+    with keras_lora.adapter_ids(model, IDS):
+        with pytest.raises(ValueError, match="`model.fit` cannot run inside"):
+            model.fit(X, X[:, :3], batch_size=4, epochs=1, verbose=0)
+    for old, variable in zip(before, model.weights):
+        np.testing.assert_array_equal(old, to_numpy(variable))
