@@ -78,6 +78,10 @@ def check_spec(spec, source, allow_initializers=False):
     layers = spec["layers"]
     if not isinstance(layers, dict) or not layers:
         fail("layers", "must be a non-empty object {layer path: settings}", layers)
+    # `enable_lora`'s rule: an adapted layer's base weights stay frozen.
+    overlap = [path for path in spec["train_layers"] if path in layers]
+    if overlap:
+        fail("train_layers", f"names the adapted layer '{overlap[0]}'", overlap)
     allowed = LAYER_KEYS + OPTIONAL_KEYS
     if allow_initializers:
         allowed += INITIALIZER_KEYS + MODEL_ONLY_KEYS

@@ -7,11 +7,12 @@ import inspect
 import json
 import os
 import sys
+import zipfile
 
 import keras
 import numpy as np
 import pytest
-from test_hardening import mlp
+from test_hardening import mlp, rewrite
 
 import keras_lora
 from helpers import to_numpy
@@ -277,3 +278,44 @@ def test_fit_inside_adapter_ids_is_refused():
             model.fit(X, X[:, :3], batch_size=4, epochs=1, verbose=0)
     for old, variable in zip(before, model.weights):
         np.testing.assert_array_equal(old, to_numpy(variable))
+
+
+# Item 5: a file cannot make an adapted layer's frozen base trainable.
+
+
+def test_file_training_an_adapted_layer_is_refused(adapter_file, tmp_path):
+    def overlap(config):
+        config["spec"]["train_layers"].append("hidden")
+
+    path = rewrite(adapter_file, tmp_path / "overlap.keras", config=overlap)
+    for model, name in ((mlp(), None), (two_adapters(), "new")):
+        before = state(model)
+        with pytest.raises(ValueError, match="overlap.keras.*adapted layer 'hidden'"):
+            keras_lora.load_adapter(model, path, name=name)
+        assert state(model) == before
+
+
+def test_model_config_training_an_adapted_layer_is_refused(tmp_path):
+    path = tmp_path / "m2.keras"
+    two_adapters().save(path)
+
+    def overlap(config):
+        named = config["config"]["named"]["adapters"]["two"]
+        named["train_layers"].append("head")  # "two" adapts "head"
+
+    edited = edit_model_config(path, tmp_path / "edited.keras", overlap)
+    with pytest.raises(ValueError, match="adapted layer 'head'"):
+        keras.saving.load_model(edited)
+
+
+def edit_model_config(src, dst, edit):
+    """Copies the `.keras` model `src` to `dst`, editing its config.json."""
+    with zipfile.ZipFile(src) as archive:
+        members = {name: archive.read(name) for name in archive.namelist()}
+    config = json.loads(members["config.json"])
+    edit(config)
+    members["config.json"] = json.dumps(config).encode()
+    with zipfile.ZipFile(dst, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return dst
