@@ -7,6 +7,7 @@ import inspect
 import json
 import os
 import sys
+import time
 import zipfile
 
 import keras
@@ -319,3 +320,46 @@ def edit_model_config(src, dst, edit):
         for name, data in members.items():
             archive.writestr(name, data)
     return dst
+
+
+# Item 6: patterns and names from a PEFT folder meet under a time bound.
+
+CATASTROPHIC = {"(a|aa)+b": 2}  # exponential on a run of "a"s without a "b"
+RUN = "a" * 40  # unbounded: about a minute (measured: 2.8 s at 34 "a"s)
+
+
+def crafted_peft_folder(folder, module):
+    """A 3 KB PEFT folder whose patterns backtrack exponentially on `module`
+    (loading it: tests/interop/test_peft_hardening.py)."""
+    from keras_lora.interop import safetensors_io
+
+    os.makedirs(folder)
+    config = {"peft_type": "LORA", "r": 2, "lora_alpha": 2}
+    config.update(rank_pattern=CATASTROPHIC, alpha_pattern=CATASTROPHIC)
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    rng = np.random.default_rng(0)
+    safetensors_io.write(
+        folder / "adapter_model.safetensors",
+        {
+            f"base_model.model.{module}.lora_A.weight": rng.normal(size=(2, 32)),
+            f"base_model.model.{module}.lora_B.weight": rng.normal(size=(32, 2)),
+        },
+    )
+    return folder
+
+
+def run_cli(argv, capsys):
+    """`keras-lora ARGV` in this process: (exit code, seconds, stderr)."""
+    from keras_lora import cli
+
+    start = time.perf_counter()
+    code = cli.main(argv)
+    return code, time.perf_counter() - start, capsys.readouterr().err
+
+
+def test_inspect_of_a_catastrophic_pattern_folder_ends_quickly(tmp_path, capsys):
+    pytest.importorskip("safetensors")
+    folder = crafted_peft_folder(tmp_path / "peft", RUN)
+    code, seconds, err = run_cli(["inspect", str(folder)], capsys)
+    assert code == 1 and "nested repetition" in err and "adapter_config.json" in err
+    assert seconds < 2

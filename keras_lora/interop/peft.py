@@ -19,7 +19,7 @@ import warnings
 
 import keras
 
-from keras_lora import adapted_model, named_adapters, transform
+from keras_lora import adapted_model, named_adapters, patterns, transform
 from keras_lora.interop import (
     architectures,
     factors,
@@ -98,12 +98,16 @@ def load_peft_adapter(model, path, name=None):
     unique_path = transform._path_checker(model)
     trained = peft_reading.saved_modules_plan(saved, prefix, context)
     plan = {}  # layer path -> (layer, lora config, A, B)
+    # The folder supplies both the patterns and the names: bounded matching.
+    matcher = patterns.BoundedMatcher(os.path.join(path, peft_config.CONFIG_FILE))
     for name, module in named.items():
         full = prefix + name
         parts = grouped[full]
-        rank = peft_config.pattern_value(settings["rank_pattern"], full, settings["r"])
+        rank = peft_config.pattern_value(
+            settings["rank_pattern"], full, settings["r"], matcher=matcher
+        )
         alpha = peft_config.pattern_value(
-            settings["alpha_pattern"], full, settings["lora_alpha"]
+            settings["alpha_pattern"], full, settings["lora_alpha"], matcher=matcher
         )
         layouts = [factors.layout(layer) for layer in module.layers]
         a, b = peft_reading.module_factors(full, parts, layouts, rank)

@@ -12,6 +12,7 @@ import os
 import pickle
 import stat
 import struct
+import time
 import tracemalloc
 
 import keras
@@ -490,3 +491,17 @@ def test_failed_save_writes_nothing(adapted, tmp_path, monkeypatch):
     ]
     assert (existing / "adapter_config.json").read_text() == "old config"
     assert (existing / "adapter_model.safetensors").read_text() == "old weights"
+
+
+def test_catastrophic_patterns_are_matched_under_a_time_bound(llama, tmp_path):
+    """Issue 21 item 6: `keras-lora convert` of this folder ran for hours."""
+    from test_hardening_round2 import RUN, crafted_peft_folder
+
+    module = RUN + ".model.layers.0.self_attn.q_proj"  # ends in a known module
+    folder = crafted_peft_folder(tmp_path / "peft", module)
+    before = model_state(llama)
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="adapter_config.json.*nested repetition"):
+        keras_lora.load_peft_adapter(llama, folder)
+    assert time.perf_counter() - start < 2
+    assert_same_state(before, model_state(llama))
