@@ -62,7 +62,12 @@ class AdaptedModel:
     @classmethod
     def from_config(cls, config, custom_objects=None):
         from keras_lora import named_adapters
-        from keras_lora.spec import LEGACY_KEYS, check_spec, check_trainable_state
+        from keras_lora.spec import (
+            LEGACY_KEYS,
+            check_named_config,
+            check_spec,
+            check_trainable_state,
+        )
         from keras_lora.transform import apply_spec
 
         if not isinstance(config, dict) or "model" not in config:
@@ -82,7 +87,7 @@ class AdaptedModel:
         )
         named = config.get("named")
         if named is not None:
-            named = named_adapters.check_saved_config(named, "The saved model")
+            named = check_named_config(named, "The saved model")
         # The weights are loaded after this: there are no base values yet.
         model = apply_spec(model, spec, trainable_state=state, keep_base_values=False)
         if named is not None:

@@ -27,6 +27,7 @@ import numpy as np
 from keras_lora import adapted_model, atomic, transform
 from keras_lora.layers.adapter_set import check_adapter_name
 from keras_lora.layers.lora_layer import LoRALayer
+from keras_lora.spec import check_layer_matches
 
 
 def list_adapters(model):
@@ -117,11 +118,7 @@ def _add_to_layer(layer, path, name, config):
     if isinstance(layer, LoRALayer) and "_lora_primary" not in vars(layer):
         # A LoRA layer rebuilt from a saved Functional config: its primary
         # factors exist already and are this adapter's.
-        if layer.rank != config["rank"]:
-            raise ValueError(
-                f"Layer '{path}' has LoRA rank {layer.rank}, but adapter "
-                f"{name!r} records rank {config['rank']}."
-            )
+        check_layer_matches(layer, path, config, f"adapter {name!r}")
         layer._lora_set("_lora_primary", name)
     elif isinstance(layer, LoRALayer):
         layer.add_lora_adapter(name, **config)
@@ -454,46 +451,6 @@ def swap_functions(model, old_key, new_key):
     kept = cache.get(new_key, {})
     for name in names:
         setattr(model, name, kept.get(name))
-
-
-def check_saved_config(config, source):
-    """Validates `saved_config` output read back from a file."""
-    from keras_lora.spec import check_spec
-
-    if (
-        not isinstance(config, dict)
-        or sorted(config) != ["active", "adapters", "names"]
-        or not isinstance(config["names"], list)
-        or not all(isinstance(n, str) for n in config["names"])
-        or not isinstance(config["adapters"], dict)
-        or list(config["adapters"]) != config["names"][1:]
-    ):
-        raise ValueError(
-            f"{source} has invalid named adapters: expected names, adapters "
-            f"and active. Received: named={config!r}"
-        )
-    for name in config["names"]:
-        check_adapter_name(name)
-    adapters = {
-        name: check_spec(spec, f"{source} (adapter {name!r})", True)
-        for name, spec in config["adapters"].items()
-    }
-    active = config["active"]
-    if active is not None and not (
-        isinstance(active, list)
-        and all(
-            isinstance(p, list)
-            and len(p) == 2
-            and p[0] in config["names"]
-            and isinstance(p[1], (int, float))
-            and not isinstance(p[1], bool)
-            for p in active
-        )
-    ):
-        raise ValueError(
-            f"{source} has an invalid active set. Received: active={active!r}"
-        )
-    return {"names": config["names"], "adapters": adapters, "active": active}
 
 
 def restore_adapters(model, config):

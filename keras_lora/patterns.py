@@ -14,8 +14,9 @@ import time
 
 from keras_lora.layers import lora_math
 
-# Total matching time allowed for the patterns of one untrusted file.
-UNTRUSTED_SECONDS = 0.25  # the regex package overshoots its timeouts (about 3x measured)
+# Total matching time allowed for the patterns of one untrusted file (the
+# regex package overshoots its timeouts: about 3x measured).
+UNTRUSTED_SECONDS = 0.25
 
 
 def pattern_regex(key, separator="."):
@@ -125,13 +126,31 @@ def check_patterns(rank_pattern, alpha_pattern):
 
 
 def check_all_used(pattern, argument, paths):
-    """Raises if a key of `pattern` matches none of the adapted layer paths
-    (a typo would otherwise leave every layer at the default, silently)."""
+    """Raises if a key of `pattern` gives no adapted layer its value: it
+    matches none of their paths (a typo), or an earlier key matches every
+    layer it matches (the first matching key wins); either would leave
+    layers at another value, silently."""
+    used = {_first_key(pattern, path) for path in paths}
     for key in pattern or {}:
-        if not any(re.match(pattern_regex(key, "/"), path) for path in paths):
-            raise ValueError(
-                f"`{argument}` key {key!r} matches none of the adapted layers "
-                f"(keys match a layer's path in full, or its last components "
-                f"after a '/'). Adapted layers: {sorted(paths)[:12]}. "
-                f"Received: {argument}={pattern!r}"
-            )
+        if key in used:
+            continue
+        shadowed = [p for p in paths if re.match(pattern_regex(key, "/"), p)]
+        problem = (
+            f"matches only layers that an earlier key already gives a value "
+            f"(the first matching key wins: '{shadowed[0]}' takes "
+            f"{_first_key(pattern, shadowed[0])!r})"
+            if shadowed
+            else "matches none of the adapted layers (keys match a layer's path "
+            "in full, or its last components after a '/')"
+        )
+        raise ValueError(
+            f"`{argument}` key {key!r} {problem}. Adapted layers: "
+            f"{sorted(paths)[:12]}. Received: {argument}={pattern!r}"
+        )
+
+
+def _first_key(pattern, path):
+    """The key of `pattern` that gives `path` its value (None: no key)."""
+    return next(
+        (k for k in pattern or {} if re.match(pattern_regex(k, "/"), path)), None
+    )

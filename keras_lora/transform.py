@@ -23,7 +23,7 @@ from keras_lora.layers.dense import LoRADense
 from keras_lora.layers.einsum_dense import LoRAEinsumDense
 from keras_lora.layers.embedding import LoRAEmbedding
 from keras_lora.layers.lora_layer import LoRALayer
-from keras_lora.spec import SPEC_VERSION
+from keras_lora.spec import SPEC_VERSION, check_layer_matches
 
 __all__ = ["SPEC_VERSION", "enable_lora", "merge_lora", "disable_lora"]
 
@@ -279,11 +279,7 @@ def _apply_spec(model, spec, by_path, trained_layers, trainable_state):
     for path, config in spec["layers"].items():
         layer = by_path[path]
         if isinstance(layer, LoRALayer):
-            if layer.rank != config["rank"]:
-                raise ValueError(
-                    f"Layer '{path}' already has LoRA rank {layer.rank}, but "
-                    f"the spec records rank {config['rank']}."
-                )
+            check_layer_matches(layer, path, config)
             continue
         lora_class_for(layer).adapt(layer, **config)
     for path in spec["layers"]:

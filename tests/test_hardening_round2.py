@@ -314,8 +314,8 @@ def edit_model_config(src, dst, edit):
     with zipfile.ZipFile(src) as archive:
         members = {name: archive.read(name) for name in archive.namelist()}
     config = json.loads(members["config.json"])
-    edit(config)
-    members["config.json"] = json.dumps(config).encode()
+    text = edit(config)  # the new config.json text, or None: the edited dict
+    members["config.json"] = (text or json.dumps(config)).encode()
     with zipfile.ZipFile(dst, "w") as archive:
         for name, data in members.items():
             archive.writestr(name, data)
@@ -363,3 +363,147 @@ def test_inspect_of_a_catastrophic_pattern_folder_ends_quickly(tmp_path, capsys)
     code, seconds, err = run_cli(["inspect", str(folder)], capsys)
     assert code == 1 and "nested repetition" in err and "adapter_config.json" in err
     assert seconds < 2
+
+
+# Items 7 to 14: each a clear ValueError or documented behaviour.
+
+
+@pytest.fixture(scope="module")
+def saved_m2(tmp_path_factory):
+    path = tmp_path_factory.mktemp("m2") / "m2.keras"
+    two_adapters().save(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "active",
+    [[["one", float("nan")]], [["two", float("inf")]], [["one", 1], ["one", 1]]],
+)
+def test_item7_saved_active_set_is_checked(saved_m2, tmp_path, active):
+    def edit(config):
+        config["config"]["named"]["active"] = active
+
+    edited = edit_model_config(saved_m2, tmp_path / "active.keras", edit)
+    with pytest.raises(ValueError, match="invalid active set"):
+        keras.saving.load_model(edited)
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda c: c["config"]["lora"]["layers"]["hidden"].update(rank=0), "rank"),
+        (lambda c: c["config"]["lora"].update(layers=[1]), "layers"),
+        (lambda c: c["config"].update(model=5), "AttributeError"),
+        (
+            lambda c: json.dumps(c)[:-1] + ', "x": ' + "[" * 9999 + "]" * 9999 + "}",
+            "JSON",
+        ),
+    ],
+    ids=["rank 0", "layers a list", "model a number", "deep nesting"],
+)
+def test_item8_inspect_of_a_crafted_model_names_the_file(
+    saved_m2, tmp_path, capsys, edit, match
+):
+    edited = edit_model_config(saved_m2, tmp_path / "crafted.keras", edit)
+    code, _, err = run_cli(["inspect", str(edited)], capsys)
+    assert code == 1 and "crafted.keras" in err and match in err, err
+
+
+def test_item8_merge_of_an_edited_dtype_policy_names_the_file(tmp_path, capsys):
+    base = mlp()
+    base.save(tmp_path / "base.keras")
+    keras_lora.enable_lora(base, rank=2, targets=["hidden"])
+    keras_lora.save_adapter(base, tmp_path / "a.keras")
+
+    def int8(config):
+        for layer in config["config"]["layers"]:
+            if layer["config"]["name"] == "hidden":
+                layer["config"]["dtype"] = "int8_from_float32"
+
+    edited = edit_model_config(tmp_path / "base.keras", tmp_path / "int8.keras", int8)
+    argv = ["merge", str(edited), str(tmp_path / "a.keras"), str(tmp_path / "o.keras")]
+    code, _, err = run_cli(argv, capsys)
+    assert code == 1 and "int8.keras" in err, err
+
+
+def test_item9_merge_and_convert_refuse_an_existing_output(tmp_path, capsys):
+    base = mlp()
+    base.save(tmp_path / "base.keras")
+    keras_lora.enable_lora(base, rank=2, targets=["hidden"])
+    adapter = str(keras_lora.save_adapter(base, tmp_path / "a.keras"))
+    out = tmp_path / "out.keras"
+    out.write_bytes(b"keep me")
+    argv = ["merge", str(tmp_path / "base.keras"), adapter, str(out)]
+    code, _, err = run_cli(argv, capsys)
+    assert code == 1 and "already exists: pass --force" in err
+    assert out.read_bytes() == b"keep me"
+    assert run_cli([*argv, "--force"], capsys)[0] == 0
+    assert keras.saving.load_model(out)  # overwritten with the merged model
+    # convert, both ways: refused before the base is even loaded.
+    (tmp_path / "peft").mkdir()
+    (tmp_path / "peft" / "adapter_config.json").write_text("{}")
+    for source, destination in ((adapter, "peft"), (str(tmp_path / "peft"), "a.keras")):
+        argv = ["convert", source, str(tmp_path / destination), "--base", "none"]
+        code, _, err = run_cli(argv, capsys)
+        assert code == 1 and "already exists: pass --force" in err, err
+    assert (tmp_path / "peft" / "adapter_config.json").read_text() == "{}"
+
+
+def test_item10_scales_infinite_in_float32_are_refused():
+    with pytest.raises(ValueError, match="finite in float32.*alpha=1e"):
+        keras_lora.enable_lora(mlp(), rank=2, alpha=1e39, targets=["hidden"])
+    for ratio in (float("inf"), 1e308):
+        with pytest.raises(ValueError, match="finite in float32.*ratio="):
+            keras_lora.LoRAPlus(keras.optimizers.SGD(), ratio=ratio)
+
+
+def test_item11_combine_adapters_weights_and_cat_rank():
+    model = ids_model()  # no trained heads: the combinations are exact
+    weights = [np.float32(0.5), np.float64(1.0)]
+    keras_lora.combine_adapters(model, ["one", "two"], weights, "mix", "cat")
+    keras_lora.set_adapter(model, "mix")
+    mixed = to_numpy(model(X))
+    keras_lora.set_adapter(model, ["one", "two"], weights=[0.5, 1.0])
+    np.testing.assert_allclose(mixed, to_numpy(model(X)), atol=1e-5)
+    # "head" (d_out 3) would get rank 3 + 3: refused, and "svd" at full rank
+    # is the exact alternative the message names.
+    keras_lora.add_adapter(model, "three", rank=3, targets=["head"])
+    randomize(model, seed=1)
+    with pytest.raises(ValueError, match="rank 6 > min.*= 3.*'svd' with rank=3"):
+        keras_lora.combine_adapters(model, ["two", "three"], [1, 1], "cat", "cat")
+    keras_lora.combine_adapters(model, ["two", "three"], [1, 1], "svd", "svd", rank=3)
+    keras_lora.set_adapter(model, "svd")
+    exact = to_numpy(model(X))
+    keras_lora.set_adapter(model, ["two", "three"])
+    np.testing.assert_allclose(exact, to_numpy(model(X)), atol=1e-4)
+
+
+def test_item12_a_shadowed_pattern_key_is_refused():
+    with pytest.raises(ValueError, match="key 'head' matches only layers.*'.*'"):
+        keras_lora.enable_lora(
+            mlp(), rank=2, targets=["hidden", "head"], rank_pattern={".*": 3, "head": 2}
+        )
+
+
+def test_item13_saved_spec_must_match_its_lora_layers(tmp_path):
+    model = mlp()
+    keras_lora.enable_lora(model, rank=2, targets=["hidden"])
+    model.save(tmp_path / "m.keras")
+
+    def dora(config):
+        config["config"]["lora"]["layers"]["hidden"]["use_dora"] = True
+
+    edited = edit_model_config(tmp_path / "m.keras", tmp_path / "dora.keras", dora)
+    with pytest.raises(ValueError, match="use_dora=False, but the spec records"):
+        keras.saving.load_model(edited)
+
+
+def test_item14_int4_export_uses_keras_default_block_size(tmp_path):
+    model = mlp()
+    keras_lora.enable_lora(model, rank=2, targets=["hidden"])
+    keras_lora.export_merged(model, tmp_path / "q.keras", quantize="int4")
+    hidden = keras.saving.load_model(tmp_path / "q.keras").get_layer("hidden")
+    reference = keras.layers.Dense(16)
+    reference.build((None, 8))
+    reference.quantize("int4")  # Keras's default: what the README promises
+    assert hidden.dtype_policy.block_size == reference.dtype_policy.block_size == 128
