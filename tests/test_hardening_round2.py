@@ -93,9 +93,10 @@ class _Interrupt:
         return None
 
 
-def interrupt_each_step(model, operation):
-    """Interrupts `operation` at each of its steps in turn; after each one the
-    model must be exactly as before. Returns the number of steps."""
+def interrupt_each_step(model, operation, stride=1):
+    """Interrupts `operation` at each of its steps in turn (every `stride`-th
+    one); after each one the model must be exactly as before. Returns the
+    number of steps."""
     before = state(model)
     at = 1
     while True:
@@ -114,7 +115,7 @@ def interrupt_each_step(model, operation):
             assert after[key] == before[key], (
                 f"{key} changed by an interrupt at {tracer.where}"
             )
-        at += 1
+        at += stride
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ import warnings
 
 import keras
 
-from keras_lora import adapted_model, named_adapters, patterns, transform
+from keras_lora import adapted_model, atomic, named_adapters, patterns, transform
 from keras_lora.interop import (
     architectures,
     factors,
@@ -158,16 +158,12 @@ def load_peft_adapter(model, path, name=None):
         "layers": {p: dict(entry[1]) for p, entry in plan.items()},
         "train_layers": [unique_path(layer) for layer, _ in trained],
     }
-    optimizer = getattr(model, "optimizer", None)
-    previous = [
-        (variable, keras.ops.convert_to_numpy(variable))
-        for layer, _ in trained
-        for variable in layer.weights
-    ]
-    if beside:
-        return _load_beside(model, adapter_name, spec, plan, trained)
-    transform.apply_spec(model, spec)
-    try:
+    written = [v for layer, _ in trained for v in layer.weights]
+    with atomic.all_or_nothing(model, written):  # an interrupt too
+        if beside:
+            _load_beside(model, adapter_name, spec, plan, trained)
+            return model
+        transform.apply_spec(model, spec)
         for layer, _, a, b, magnitude in plan.values():
             layer.lora_a.assign(a)
             layer.lora_b.assign(b)
@@ -176,36 +172,25 @@ def load_peft_adapter(model, path, name=None):
         for layer, values in trained:
             for attribute, value in values.items():
                 getattr(layer, attribute).assign(value)  # cast to its dtype
-    except BaseException:  # an interrupt too: all or nothing
-        for variable, value in previous:
-            variable.assign(value)
-        # The optimizer (and its state) goes back with the old variables.
-        transform.revert(model, merge=False, optimizer=optimizer)
-        raise
-    if adapter_name is not None:
-        named_adapters.rename_first(model, adapter_name)
+        if adapter_name is not None:
+            named_adapters.rename_first(model, adapter_name)
     return model
 
 
 def _load_beside(model, name, spec, plan, trained):
     """Adds the planned adapter as `name` beside the model's other adapters."""
     named_adapters.add_spec(model, name, spec)
-    try:
-        for layer, _, a, b, _ in plan.values():
-            adapter = layer.lora_adapter(name)
-            adapter.a.assign(a)
-            adapter.b.assign(b)
-        stored = model._keras_lora_heads["stored"].setdefault(name, {})
-        for layer, values in trained:
-            for attribute, value in values.items():
-                variable = getattr(layer, attribute)
-                stored[variable.path] = keras.ops.convert_to_numpy(
-                    keras.ops.cast(value, variable.dtype)
-                )
-    except BaseException:  # an interrupt too: all or nothing
-        named_adapters.delete_adapter(model, name)
-        raise
-    return model
+    for layer, _, a, b, _ in plan.values():
+        adapter = layer.lora_adapter(name)
+        adapter.a.assign(a)
+        adapter.b.assign(b)
+    stored = model._keras_lora_heads["stored"].setdefault(name, {})
+    for layer, values in trained:
+        for attribute, value in values.items():
+            variable = getattr(layer, attribute)
+            stored[variable.path] = keras.ops.convert_to_numpy(
+                keras.ops.cast(value, variable.dtype)
+            )
 
 
 def save_peft_adapter(model, path, module_prefix=None, name=None):
