@@ -51,23 +51,50 @@ def all_or_nothing(model, variables=()):
         raise
 
 
+# The containers that tracking fills in place when a variable, seed generator
+# or sublayer is added: Keras's lists and tracked lists, TensorFlow's
+# checkpoint dependencies, torch's module registries.
+_IN_PLACE = (
+    "_trainable_variables",
+    "_non_trainable_variables",
+    "_seed_generators",
+    "_layers",
+    "_metrics",
+    "_tracked",
+    "_self_unconditional_checkpoint_dependencies",
+    "_self_unconditional_dependency_names",
+    "_modules",
+    "_parameters",
+    "_buffers",
+)
+
+
 def _capture(model, variables):
     layers = list(model._flatten_layers(include_self=True, recursive=True))
-    memo = {}
     return {
-        "layers": [(layer, type(layer), _layer_state(layer, memo)) for layer in layers],
+        "layers": [(layer, type(layer), _layer_state(layer)) for layer in layers],
+        "model": _model_state(model),
         "trainable": [(v, v.trainable) for v in model.weights],
         "values": [(v, keras.ops.convert_to_numpy(v).copy()) for v in variables],
     }
 
 
-def _layer_state(layer, memo):
-    attributes = dict(layer.__dict__)
+def _model_state(model):
+    """The model's `_keras_lora_*` state, its nested containers copied."""
+    memo = {}
+    return {
+        key: _copy_containers(value, memo)
+        for key, value in model.__dict__.items()
+        if key.startswith(_MODEL_STATE_PREFIX)
+    }
+
+
+def _layer_state(layer):
+    attributes = layer.__dict__.copy()
     contents = {}
-    for key, value in attributes.items():
-        if key.startswith(_MODEL_STATE_PREFIX):
-            attributes[key] = _copy_containers(value, memo)
-        elif _in_place(value):
+    for key in _IN_PLACE:
+        value = attributes.get(key)
+        if value is not None and _in_place(value):
             contents[key] = value.copy()
     tracker = attributes.get("_tracker")
     ids = None
@@ -119,6 +146,7 @@ def _restore(model, saved):
             for name, found in layer._tracker.stored_ids.items():
                 found.clear()
                 found.update(ids.get(name, ()))
+    model.__dict__.update(saved["model"])
     for variable, trainable in saved["trainable"]:
         variable.trainable = trainable
     for variable, value in saved["values"]:
