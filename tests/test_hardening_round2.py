@@ -442,12 +442,13 @@ def test_item9_merge_and_convert_refuse_an_existing_output(tmp_path, capsys):
     assert keras.saving.load_model(out)  # overwritten with the merged model
     # convert, both ways: refused before the base is even loaded.
     (tmp_path / "peft").mkdir()
-    (tmp_path / "peft" / "adapter_config.json").write_text("{}")
+    config = json.dumps({"peft_type": "LORA"})  # read before DST is checked
+    (tmp_path / "peft" / "adapter_config.json").write_text(config)
     for source, destination in ((adapter, "peft"), (str(tmp_path / "peft"), "a.keras")):
         argv = ["convert", source, str(tmp_path / destination), "--base", "none"]
         code, _, err = run_cli(argv, capsys)
         assert code == 1 and "already exists: pass --force" in err, err
-    assert (tmp_path / "peft" / "adapter_config.json").read_text() == "{}"
+    assert (tmp_path / "peft" / "adapter_config.json").read_text() == config
 
 
 def test_item10_scales_infinite_in_float32_are_refused():

@@ -59,7 +59,6 @@ def run(args):
                 "From a PEFT folder, DST must be a keras-lora adapter file ending "
                 f"in '.keras'. Received: DST={args.destination!r}"
             )
-        new_output(args.destination, [args.source, args.base], "DST", args.force)
         _peft_to_adapter(args)
         kind = "keras-lora adapter file"
     else:
@@ -82,10 +81,11 @@ def run(args):
 
 def _peft_to_adapter(args):
     from keras_lora.adapters import save_adapter
-    from keras_lora.commands.common import load_base
+    from keras_lora.commands.common import load_base, new_output
     from keras_lora.interop import load_peft_adapter, peft_reading
 
     peft_reading.read_config(args.source)  # a clear error before loading the base
+    new_output(args.destination, [args.source, args.base], "DST", args.force)
     model = load_base(args.base, args.hub_class)
     load_peft_adapter(model, args.source)
     save_adapter(model, args.destination)
