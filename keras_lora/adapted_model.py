@@ -36,6 +36,7 @@ class AdaptedModel:
     def get_config(self):
         from keras_lora import named_adapters
 
+        check_outside_adapter_ids(self, "`model.save` (`get_config`)")
         with as_class(self, self._keras_lora_base):
             inner = keras.saving.serialize_keras_object(self)
         # The outer object recompiles after LoRA is on: drop the inner copy.
@@ -61,7 +62,12 @@ class AdaptedModel:
     @classmethod
     def from_config(cls, config, custom_objects=None):
         from keras_lora import named_adapters
-        from keras_lora.spec import LEGACY_KEYS, check_spec, check_trainable_state
+        from keras_lora.spec import (
+            LEGACY_KEYS,
+            check_named_config,
+            check_spec,
+            check_trainable_state,
+        )
         from keras_lora.transform import apply_spec
 
         if not isinstance(config, dict) or "model" not in config:
@@ -81,7 +87,7 @@ class AdaptedModel:
         )
         named = config.get("named")
         if named is not None:
-            named = named_adapters.check_saved_config(named, "The saved model")
+            named = check_named_config(named, "The saved model")
         # The weights are loaded after this: there are no base values yet.
         model = apply_spec(model, spec, trainable_state=state, keep_base_values=False)
         if named is not None:
@@ -120,6 +126,30 @@ def original_class(model):
 
 def is_adapted(model):
     return isinstance(model, AdaptedModel)
+
+
+# Set on a model while a `keras_lora.adapter_ids` block runs (mixed_batch.py).
+IDS_BLOCK = "_keras_lora_ids_block"
+
+
+def check_outside_adapter_ids(model, action):
+    """Raises if `model` is inside an `adapter_ids` block.
+
+    Inside, the layers compute per-example adapters and the model tracks its
+    int32 ids variable: changing the active set, merging or saving there
+    would act on (or write) that serving state.
+
+    Args:
+        model: a Keras model.
+        action: what was called, for the message (e.g. "`merge_lora`").
+    """
+    if model.__dict__.get(IDS_BLOCK):
+        raise ValueError(
+            f"{action} cannot run inside a `keras_lora.adapter_ids` block of "
+            f"model '{model.name}': leave the block first (it is for "
+            "per-example inference only; train each adapter after "
+            "`keras_lora.set_adapter(model, name)`)."
+        )
 
 
 @contextlib.contextmanager

@@ -27,7 +27,7 @@ import h5py
 import keras
 import numpy as np
 
-from keras_lora import lora_init, named_adapters, transform
+from keras_lora import atomic, lora_init, named_adapters, transform
 from keras_lora.io_utils import atomic_write, check_keras_path
 from keras_lora.layers.adapter_set import check_adapter_name
 from keras_lora.safe_files import MAX_JSON_BYTES, read_flat_dataset, read_member
@@ -287,65 +287,66 @@ def load_adapter(model, filepath, name=None):
     config = read_adapter_config(filepath)
     spec = config["spec"]
     known = named_adapters.list_adapters(model)
-    optimizer = getattr(model, "optimizer", None)
-    undo = None
-    if not known:
-        transform.apply_spec(model, spec)
-        named_adapters._rename_first(model, name or "default")
-        target = name or "default"
-
-        def undo():
-            # The optimizer (and its state) goes back with the old variables.
-            transform.revert(model, merge=False, optimizer=optimizer)
-
-    elif name is None:
+    if name is not None and name in known:
+        raise ValueError(
+            f"Model '{model.name}' already has an adapter named {name!r}: "
+            "delete it first (`keras_lora.delete_adapter`) or pick another name."
+        )
+    by_path = transform._layers_by_path(model)
+    # The variables that may be overwritten: the trained heads, and the
+    # factors of the adapter that the file replaces.
+    written = [
+        v
+        for path in spec["train_layers"]
+        if path in by_path
+        for v in transform.head_weights(by_path[path])
+    ]
+    if known and name is None:
         target, current = named_adapters.adapter_spec(model)
         _check_same_adaptation(model, current, spec, filepath)
-    else:
-        if name in known:
-            raise ValueError(
-                f"Model '{model.name}' already has an adapter named {name!r}: "
-                "delete it first (`keras_lora.delete_adapter`) or pick another name."
-            )
-        named_adapters.add_spec(model, name, spec)
-        target = name
-
-        def undo():
-            named_adapters.delete_adapter(model, name)
-
-    try:
+        written += [
+            v for v, _ in named_adapters.adapter_variables(model, target).values()
+        ]
+    with atomic.all_or_nothing(model, written):  # an interrupt too
+        if not known:
+            transform.apply_spec(model, spec)
+            named_adapters.rename_first(model, name or "default")
+            target = name or "default"
+        elif name is not None:
+            named_adapters.add_spec(model, name, spec)
+            target = name
         entries = named_adapters.adapter_variables(model, target)
-        for key in config["weights"]:
-            if key not in entries:
-                raise ValueError(
-                    f"'{filepath}' has weights for '{key}', which model "
-                    f"'{model.name}' does not have."
-                )
-            entry, variable = config["weights"][key], entries[key][0]
-            if tuple(variable.shape) != tuple(entry["shape"]):
-                raise ValueError(
-                    f"Shape mismatch for '{key}' in '{filepath}': the file has "
-                    f"{tuple(entry['shape'])}, the model has {tuple(variable.shape)}."
-                )
-            if entry["dtype"] != _stored_dtype(variable.dtype):
-                raise ValueError(
-                    f"Dtype mismatch for '{key}' in '{filepath}': the file has "
-                    f"{entry['dtype']}, the model stores {variable.dtype} as "
-                    f"{_stored_dtype(variable.dtype)}."
-                )
-        missing = sorted(set(entries) - set(config["weights"]))
-        if missing:
-            raise ValueError(
-                f"'{filepath}' has no weights for '{missing[0]}' of model "
-                f"'{model.name}'."
-            )
+        _check_entries(model, filepath, config["weights"], entries)
         arrays = read_adapter_weights(filepath, config["weights"])
-    except Exception:
-        if undo is not None:
-            undo()
-        raise
-    named_adapters.assign_adapter_values(model, target, entries, arrays)
+        named_adapters.assign_adapter_values(model, target, entries, arrays)
     return model
+
+
+def _check_entries(model, filepath, index, entries):
+    """Raises unless the file's arrays are exactly the adapter's variables."""
+    for key in index:
+        if key not in entries:
+            raise ValueError(
+                f"'{filepath}' has weights for '{key}', which model "
+                f"'{model.name}' does not have."
+            )
+        entry, variable = index[key], entries[key][0]
+        if tuple(variable.shape) != tuple(entry["shape"]):
+            raise ValueError(
+                f"Shape mismatch for '{key}' in '{filepath}': the file has "
+                f"{tuple(entry['shape'])}, the model has {tuple(variable.shape)}."
+            )
+        if entry["dtype"] != _stored_dtype(variable.dtype):
+            raise ValueError(
+                f"Dtype mismatch for '{key}' in '{filepath}': the file has "
+                f"{entry['dtype']}, the model stores {variable.dtype} as "
+                f"{_stored_dtype(variable.dtype)}."
+            )
+    missing = sorted(set(entries) - set(index))
+    if missing:
+        raise ValueError(
+            f"'{filepath}' has no weights for '{missing[0]}' of model '{model.name}'."
+        )
 
 
 def _stored_dtype(dtype):

@@ -15,6 +15,7 @@ heads (heads cannot be combined), alpha = its rank (scale 1), and is inactive.
 """
 
 import math
+import numbers
 
 import keras
 import numpy as np
@@ -34,6 +35,9 @@ def combine_adapters(model, names, weights, new_name, combination="svd", rank=No
         weights: one number per name.
         new_name: the new adapter's name.
         combination: `"linear"`, `"cat"` or `"svd"` (see the module docstring).
+            `"cat"` refuses a combined rank above min(d_in, d_out) of a layer
+            (PEFT allows it; a layer's rank never exceeds that here): use
+            `"svd"` with `rank=min(d_in, d_out)`, which is then exact.
         rank: for `"svd"`, the new rank (default: the largest of `names`);
             must be None otherwise.
 
@@ -57,7 +61,8 @@ def combine_adapters(model, names, weights, new_name, combination="svd", rank=No
         not isinstance(weights, (list, tuple))
         or len(weights) != len(names)
         or not all(
-            isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w)
+            # Any real number (NumPy's too), as `set_adapter` accepts.
+            isinstance(w, numbers.Real) and not isinstance(w, bool) and math.isfinite(w)
             for w in weights
         )
     ):
@@ -163,6 +168,7 @@ def _checked(layer, a, b):
     if rank > min(d_in, d_out):
         raise ValueError(
             f"combination='cat' gives layer '{layer.path}' rank {rank} > "
-            f"min(d_in, d_out) = {min(d_in, d_out)}; use combination='svd'."
+            f"min(d_in, d_out) = {min(d_in, d_out)}; use combination='svd' "
+            f"with rank={min(d_in, d_out)} (exact). Received: combination='cat'"
         )
     return a, b

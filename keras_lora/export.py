@@ -75,6 +75,7 @@ def export_merged(model, filepath, dtype=None, quantize=None):
     >>> keras_lora.export_merged(qlora_model, "merged-int8.keras", quantize="same")
     """
     filepath = check_keras_path(filepath)
+    adapted_model.check_outside_adapter_ids(model, "`export_merged`")
     if dtype is not None:
         policy = keras.dtype_policies.get(dtype) if isinstance(dtype, str) else None
         if policy is None or policy.quantization_mode is not None:

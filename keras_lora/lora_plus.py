@@ -18,6 +18,8 @@ adapters.
 import keras
 from keras import ops
 
+from keras_lora.layers import lora_math
+
 
 def is_lora_b(variable):
     """True for a LoRA B factor (primary or named adapter)."""
@@ -59,13 +61,10 @@ class LoRAPlus(keras.optimizers.Optimizer):
                 "`optimizer` must be a Keras optimizer instance (not a "
                 f"LoRAPlus). Received: optimizer={optimizer!r}"
             )
-        if (
-            isinstance(ratio, bool)
-            or not isinstance(ratio, (int, float))
-            or not ratio > 0
-        ):
+        if not lora_math.is_float32_scale(ratio):
             raise ValueError(
-                f"`ratio` must be a positive number. Received: ratio={ratio!r}"
+                "`ratio` must be a positive number (finite in float32). "
+                f"Received: ratio={ratio!r}"
             )
         super().__init__(learning_rate=0.0, name=name)
         self.inner_optimizer = optimizer

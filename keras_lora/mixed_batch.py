@@ -12,7 +12,7 @@ import contextlib
 
 import numpy as np
 
-from keras_lora import named_adapters, transform
+from keras_lora import adapted_model, named_adapters, transform
 
 _VARIABLE = "_keras_lora_ids_variable"
 
@@ -27,7 +27,16 @@ def adapter_ids(model, ids):
             example, so adapters with `train_layers` are refused.
         ids: one entry per example of the batch: an adapter name, or None for
             the base model. Every call inside the block must use a batch of
-            exactly `len(ids)` examples, in this order.
+            exactly `len(ids)` examples, in this order (a batch of another
+            size, a single id for several examples included, is a
+            `ValueError`: `predict` needs a `batch_size` of `len(ids)` that
+            divides the number of examples).
+
+    The block is for inference (`predict`, `__call__`, `generate`). Inside
+    it, training (`fit`, `training=True`), `set_adapter` and the other
+    adapter changes, `merge_lora`, `model.save`, `export_merged` and a
+    nested `adapter_ids` block raise a `ValueError`; on exit the model is as
+    it was before, whatever happened inside.
 
     Example:
 
@@ -38,6 +47,7 @@ def adapter_ids(model, ids):
     names = named_adapters.list_adapters(model)
     if not names:
         raise ValueError(f"Model '{model.name}' has no adapter.")
+    adapted_model.check_outside_adapter_ids(model, "A nested `adapter_ids` block")
     if isinstance(ids, str) or not hasattr(ids, "__len__") or not len(ids):
         raise ValueError(
             "`ids` must be a non-empty list with one adapter name (or None) per "
@@ -92,9 +102,15 @@ def adapter_ids(model, ids):
         layer._lora_set("_lora_example_ids", variable)
         layer._lora_set("_lora_example_names", tuple(names))
     named_adapters.swap_functions(model, outside, inside)
+    object.__setattr__(model, adapted_model.IDS_BLOCK, True)
+    for method in _GUARDED:
+        if hasattr(model, method):
+            object.__setattr__(model, method, _guarded(model, method))
     try:
         yield model
     finally:
+        for name in (adapted_model.IDS_BLOCK, *_GUARDED):
+            model.__dict__.pop(name, None)
         for layer, (active, example_ids) in zip(layers, saved):
             layer._lora_set("_lora_active", active)
             layer._lora_set("_lora_example_ids", example_ids)
@@ -130,3 +146,42 @@ def _ids_variable(model, size):
 def _untrack(model, variable):
     if any(v is variable for v in model._non_trainable_variables):
         model._untrack_variable(variable)
+
+
+# Refused up front inside the block (training; saving, which would write the
+# ids variable), and guarded (inference).
+_REFUSED = ("fit", "train_on_batch", "save", "save_weights")
+_GUARDED = (*_REFUSED, "predict", "evaluate")
+
+
+def _guarded(model, method):
+    """`model.<method>` inside the block: training and saving refused up
+    front; for inference, on JAX,
+    variable values that a failed `predict`/`evaluate` leaves detached are
+    put back.
+
+    Keras's JAX trainer detaches every variable's value while its compiled
+    step runs (`_purge_model_variables`) and re-attaches them only after a
+    successful step: an error in the first batch (a batch of the wrong size)
+    would leave a model whose every variable is empty, an error in a later
+    one a model whose values were donated to the last successful step.
+    """
+    bound = getattr(type(model), method).__get__(model)
+
+    def call(*args, **kwargs):
+        if method in _REFUSED:
+            adapted_model.check_outside_adapter_ids(model, f"`model.{method}`")
+        kept = [(v, getattr(v, "_value", None)) for v in model.variables]
+        try:
+            return bound(*args, **kwargs)
+        except BaseException:
+            if getattr(model, "_jax_state", None):  # the last step's state
+                model.jax_state_sync()
+            for variable, value in kept:  # no step ran: nothing was donated
+                if getattr(variable, "_value", 0) is None:
+                    variable._value = value
+            if hasattr(model, "_jax_state"):
+                model._jax_state, model._jax_state_synced = None, True
+            raise
+
+    return call

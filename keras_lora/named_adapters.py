@@ -24,9 +24,10 @@ import numbers
 import keras
 import numpy as np
 
-from keras_lora import transform
+from keras_lora import adapted_model, atomic, transform
 from keras_lora.layers.adapter_set import check_adapter_name
 from keras_lora.layers.lora_layer import LoRALayer
+from keras_lora.spec import check_layer_matches
 
 
 def list_adapters(model):
@@ -86,7 +87,7 @@ def add_adapter(
     if not list_adapters(model):
         spec = transform.build_spec(*arguments, **per_layer)
         transform.apply_spec(model, spec)
-        _rename_first(model, name)
+        rename_first(model, name)
         return model
     if name in list_adapters(model):
         raise ValueError(
@@ -107,35 +108,26 @@ def add_spec(model, name, spec):
             f"The LoRA spec names layer '{missing[0]}', which model "
             f"'{model.name}' does not have."
         )
-    added, converted, claimed = [], [], []
-    try:
+    with atomic.all_or_nothing(model):  # an interrupt too: all or nothing
         for path, config in spec["layers"].items():
-            layer = by_path[path]
-            if isinstance(layer, LoRALayer) and "_lora_primary" not in vars(layer):
-                # A LoRA layer rebuilt from a saved Functional config: its
-                # primary factors exist already and are this adapter's.
-                if layer.rank != config["rank"]:
-                    raise ValueError(
-                        f"Layer '{path}' has LoRA rank {layer.rank}, but adapter "
-                        f"{name!r} records rank {config['rank']}."
-                    )
-                layer._lora_set("_lora_primary", name)
-                claimed.append(layer)
-            elif isinstance(layer, LoRALayer):
-                layer.add_lora_adapter(name, **config)
-                added.append(layer)
-            else:
-                transform.lora_class_for(layer).adapt(layer, **config)
-                layer._lora_set("_lora_primary", name)
-                converted.append(layer)
-    except Exception:
-        for layer in added:
-            layer.remove_lora_adapter(name)
-        for layer in converted:
-            layer.unadapt(merge=False)
-        for layer in claimed:
-            vars(layer).pop("_lora_primary")
-        raise
+            _add_to_layer(by_path[path], path, name, config)
+        _add_heads(model, name, spec, by_path)
+
+
+def _add_to_layer(layer, path, name, config):
+    if isinstance(layer, LoRALayer) and "_lora_primary" not in vars(layer):
+        # A LoRA layer rebuilt from a saved Functional config: its primary
+        # factors exist already and are this adapter's.
+        check_layer_matches(layer, path, config, f"adapter {name!r}")
+        layer._lora_set("_lora_primary", name)
+    elif isinstance(layer, LoRALayer):
+        layer.add_lora_adapter(name, **config)
+    else:
+        transform.lora_class_for(layer).adapt(layer, **config)
+        layer._lora_set("_lora_primary", name)
+
+
+def _add_heads(model, name, spec, by_path):
     base_values = model._keras_lora_base_values
     if base_values is not None:
         owners = model._keras_lora_heads["owner"]
@@ -340,7 +332,7 @@ def assign_adapter_values(model, name, entries, arrays):
             variable.assign(arrays[key])
 
 
-def _rename_first(model, name):
+def rename_first(model, name):
     """Names the first adapter (applied as "default" by `apply_spec`)."""
     if name == "default":
         return
@@ -360,12 +352,23 @@ def _first_spec(model):
 
 
 def _activate(model, pairs, structure_changed=False, move_heads=True):
-    """Makes `pairs` the active set: layers, heads, trainable flags, functions.
+    """Makes `pairs` the active set: layers, heads, trainable flags, functions;
+    all or nothing (an interrupt too).
 
     Args:
         move_heads: swap head values between owners (False when reloading a
             saved model, whose variables get the saved owners' values next).
     """
+    adapted_model.check_outside_adapter_ids(model, "Changing the adapters")
+    by_path = transform._layers_by_path(model)
+    specs = model._keras_lora_adapters.values()
+    heads = [by_path[p] for spec in specs for p in spec["train_layers"]]
+    written = [v for layer in heads for v in transform.head_weights(layer)]
+    with atomic.all_or_nothing(model, written):
+        _activate_now(model, pairs, structure_changed, move_heads)
+
+
+def _activate_now(model, pairs, structure_changed, move_heads):
     names = list_adapters(model)
     specs = model._keras_lora_adapters
     owners = {}
@@ -450,52 +453,12 @@ def swap_functions(model, old_key, new_key):
         setattr(model, name, kept.get(name))
 
 
-def check_saved_config(config, source):
-    """Validates `saved_config` output read back from a file."""
-    from keras_lora.spec import check_spec
-
-    if (
-        not isinstance(config, dict)
-        or sorted(config) != ["active", "adapters", "names"]
-        or not isinstance(config["names"], list)
-        or not all(isinstance(n, str) for n in config["names"])
-        or not isinstance(config["adapters"], dict)
-        or list(config["adapters"]) != config["names"][1:]
-    ):
-        raise ValueError(
-            f"{source} has invalid named adapters: expected names, adapters "
-            f"and active. Received: named={config!r}"
-        )
-    for name in config["names"]:
-        check_adapter_name(name)
-    adapters = {
-        name: check_spec(spec, f"{source} (adapter {name!r})", True)
-        for name, spec in config["adapters"].items()
-    }
-    active = config["active"]
-    if active is not None and not (
-        isinstance(active, list)
-        and all(
-            isinstance(p, list)
-            and len(p) == 2
-            and p[0] in config["names"]
-            and isinstance(p[1], (int, float))
-            and not isinstance(p[1], bool)
-            for p in active
-        )
-    ):
-        raise ValueError(
-            f"{source} has an invalid active set. Received: active={active!r}"
-        )
-    return {"names": config["names"], "adapters": adapters, "active": active}
-
-
 def restore_adapters(model, config):
     """Re-creates the named adapters a saved model's config records."""
     names = config.get("names")
     extra = config.get("adapters") or {}
     if names:
-        _rename_first(model, names[0])
+        rename_first(model, names[0])
     for name, spec in extra.items():
         add_spec(model, name, spec)
     active = config.get("active")

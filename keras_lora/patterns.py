@@ -10,8 +10,13 @@ their own separator.
 """
 
 import re
+import time
 
 from keras_lora.layers import lora_math
+
+# Total matching time allowed for the patterns of one untrusted file (the
+# regex package overshoots its timeouts: about 3x measured).
+UNTRUSTED_SECONDS = 0.25
 
 
 def pattern_regex(key, separator="."):
@@ -19,7 +24,7 @@ def pattern_regex(key, separator="."):
     return rf"(.*{re.escape(separator)})?({key})$"
 
 
-def pattern_value(pattern, name, default, separator="."):
+def pattern_value(pattern, name, default, separator=".", matcher=re.match):
     """The value of the first key of `pattern` matching `name`, else `default`.
 
     Args:
@@ -27,6 +32,8 @@ def pattern_value(pattern, name, default, separator="."):
         name: the module name (PEFT) or layer path (Keras).
         default: the value when no key matches.
         separator: what separates the name's components (`"."` or `"/"`).
+        matcher: `re.match`, or a `BoundedMatcher` for patterns and names
+            that come from a file.
 
     Example:
 
@@ -34,9 +41,45 @@ def pattern_value(pattern, name, default, separator="."):
     16
     """
     for key in pattern or {}:
-        if re.match(pattern_regex(key, separator), name):
+        if matcher(pattern_regex(key, separator), name):
             return pattern[key]
     return default
+
+
+class BoundedMatcher:
+    """`re.match` for regular expressions and names from an untrusted file,
+    with a total time budget.
+
+    A backtracking matcher takes exponential time on keys such as
+    `(a|aa)+b` against a name of 60 `a`s, and a file supplies both. The
+    `regex` package (a dependency of the `interop` extra, and of KerasHub)
+    matches with a timeout, which is spent from one budget per file: past it,
+    a `ValueError` names the file.
+
+    Args:
+        source: the file, for the message.
+        seconds: the total matching time allowed.
+    """
+
+    def __init__(self, source, seconds=UNTRUSTED_SECONDS):
+        import regex
+
+        self.regex = regex
+        self.source = source
+        self.seconds = seconds
+        self.deadline = time.monotonic() + seconds
+
+    def __call__(self, expression, name):
+        left = max(self.deadline - time.monotonic(), 1e-3)
+        try:
+            return self.regex.match(expression, name, timeout=left)
+        except TimeoutError:
+            raise ValueError(
+                f"'{self.source}': matching its regular expressions against "
+                f"its module names took over {self.seconds} s (a pattern with "
+                "nested repetition, such as '(a|aa)+b'?). Received: "
+                f"pattern={expression[:80]!r}, name={name[:80]!r}"
+            ) from None
 
 
 def check_patterns(rank_pattern, alpha_pattern):
@@ -83,13 +126,31 @@ def check_patterns(rank_pattern, alpha_pattern):
 
 
 def check_all_used(pattern, argument, paths):
-    """Raises if a key of `pattern` matches none of the adapted layer paths
-    (a typo would otherwise leave every layer at the default, silently)."""
+    """Raises if a key of `pattern` gives no adapted layer its value: it
+    matches none of their paths (a typo), or an earlier key matches every
+    layer it matches (the first matching key wins); either would leave
+    layers at another value, silently."""
+    used = {_first_key(pattern, path) for path in paths}
     for key in pattern or {}:
-        if not any(re.match(pattern_regex(key, "/"), path) for path in paths):
-            raise ValueError(
-                f"`{argument}` key {key!r} matches none of the adapted layers "
-                f"(keys match a layer's path in full, or its last components "
-                f"after a '/'). Adapted layers: {sorted(paths)[:12]}. "
-                f"Received: {argument}={pattern!r}"
-            )
+        if key in used:
+            continue
+        shadowed = [p for p in paths if re.match(pattern_regex(key, "/"), p)]
+        problem = (
+            f"matches only layers that an earlier key already gives a value "
+            f"(the first matching key wins: '{shadowed[0]}' takes "
+            f"{_first_key(pattern, shadowed[0])!r})"
+            if shadowed
+            else "matches none of the adapted layers (keys match a layer's path "
+            "in full, or its last components after a '/')"
+        )
+        raise ValueError(
+            f"`{argument}` key {key!r} {problem}. Adapted layers: "
+            f"{sorted(paths)[:12]}. Received: {argument}={pattern!r}"
+        )
+
+
+def _first_key(pattern, path):
+    """The key of `pattern` that gives `path` its value (None: no key)."""
+    return next(
+        (k for k in pattern or {} if re.match(pattern_regex(k, "/"), path)), None
+    )

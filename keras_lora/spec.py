@@ -11,8 +11,11 @@ and value before a model is touched: an unknown key (an initializer injected
 into a file, say) is an error, never honoured.
 """
 
+import math
+
 from keras_lora import lora_init
 from keras_lora.layers import lora_math
+from keras_lora.layers.adapter_set import check_adapter_name
 
 SPEC_VERSION = 1
 
@@ -78,6 +81,10 @@ def check_spec(spec, source, allow_initializers=False):
     layers = spec["layers"]
     if not isinstance(layers, dict) or not layers:
         fail("layers", "must be a non-empty object {layer path: settings}", layers)
+    # `enable_lora`'s rule: an adapted layer's base weights stay frozen.
+    overlap = [path for path in spec["train_layers"] if path in layers]
+    if overlap:
+        fail("train_layers", f"names the adapted layer '{overlap[0]}'", overlap)
     allowed = LAYER_KEYS + OPTIONAL_KEYS
     if allow_initializers:
         allowed += INITIALIZER_KEYS + MODEL_ONLY_KEYS
@@ -130,3 +137,72 @@ def check_trainable_state(state, source):
             f"Received: trainable={state!r}"
         )
     return state
+
+
+def check_layer_matches(layer, path, config, adapter="the spec"):
+    """Raises unless a LoRA layer (rebuilt from a saved config) has the
+    settings its spec records: an edited config whose spec says DoRA for a
+    plain LoRA layer would load, then save adapter files nothing can read.
+
+    Args:
+        layer: the LoRA layer at `path`.
+        path: its path, for the message.
+        config: the spec's settings for it.
+        adapter: what records them, for the message.
+    """
+    recorded = {
+        "rank": config["rank"],
+        "alpha": lora_math.check_alpha(config["alpha"], config["rank"]),
+        "use_rslora": config["use_rslora"],
+        "use_dora": config.get("use_dora", False),
+        "init": config.get("init"),
+    }
+    for field, value in recorded.items():
+        ours = layer.lora_init if field == "init" else getattr(layer, field)
+        if ours != value:
+            raise ValueError(
+                f"Layer '{path}' has LoRA {field}={ours!r}, but {adapter} "
+                f"records {field}={value!r}."
+            )
+
+
+def check_named_config(config, source):
+    """Validates the named adapters a saved model's config records
+    (`named_adapters.saved_config`): names, specs, and an active set of
+    distinct names with finite weights (as `set_adapter` requires)."""
+    if (
+        not isinstance(config, dict)
+        or sorted(config) != ["active", "adapters", "names"]
+        or not _is_str_list(config["names"])
+        or not isinstance(config["adapters"], dict)
+        or list(config["adapters"]) != config["names"][1:]
+    ):
+        raise ValueError(
+            f"{source} has invalid named adapters: expected names, adapters "
+            f"and active. Received: named={config!r}"
+        )
+    for name in config["names"]:
+        check_adapter_name(name)
+    adapters = {
+        name: check_spec(spec, f"{source} (adapter {name!r})", True)
+        for name, spec in config["adapters"].items()
+    }
+    active = config["active"]
+    if active is not None and not (
+        isinstance(active, list)
+        and all(
+            isinstance(p, list)
+            and len(p) == 2
+            and p[0] in config["names"]
+            and isinstance(p[1], (int, float))
+            and not isinstance(p[1], bool)
+            and math.isfinite(p[1])
+            for p in active
+        )
+        and len({p[0] for p in active}) == len(active)
+    ):
+        raise ValueError(
+            f"{source} has an invalid active set: pairs [adapter name, finite "
+            f"weight] with distinct names. Received: active={active!r}"
+        )
+    return {"names": config["names"], "adapters": adapters, "active": active}

@@ -15,7 +15,7 @@ import warnings
 import keras
 import numpy as np
 
-from keras_lora import adapted_model, distributed_torch, lora_init, patterns
+from keras_lora import adapted_model, atomic, distributed_torch, lora_init, patterns
 from keras_lora import targets as targets_lib
 from keras_lora.layers import dora, lora_math, quantized
 from keras_lora.layers.conv import LoRAConv1D, LoRAConv2D, LoRAConv3D
@@ -23,7 +23,7 @@ from keras_lora.layers.dense import LoRADense
 from keras_lora.layers.einsum_dense import LoRAEinsumDense
 from keras_lora.layers.embedding import LoRAEmbedding
 from keras_lora.layers.lora_layer import LoRALayer
-from keras_lora.spec import SPEC_VERSION
+from keras_lora.spec import SPEC_VERSION, check_layer_matches
 
 __all__ = ["SPEC_VERSION", "enable_lora", "merge_lora", "disable_lora"]
 
@@ -144,8 +144,12 @@ def enable_lora(
         model, rank, alpha, targets, dropout, train_layers, use_rslora, **per_layer
     )
     lora_init.check_residual_targets(model, spec)  # PiSSA/OLoRA: float kernels
-    apply_spec(model, spec)
-    lora_init.initialize(lora_layers(model), init)
+    by_path = _layers_by_path(model)
+    # PiSSA/OLoRA write the residual into the base kernels.
+    written = [by_path[p].weights for p in spec["layers"] if per_layer["init"]]
+    with atomic.all_or_nothing(model, [v for ws in written for v in ws]):
+        apply_spec(model, spec)
+        lora_init.initialize(lora_layers(model), init)
     return model
 
 
@@ -263,25 +267,21 @@ def apply_spec(model, spec, trainable_state=None, keep_base_values=True):
         if keep_base_values
         else None
     )
+    with atomic.all_or_nothing(model):
+        _apply_spec(model, spec, by_path, trained_layers, trainable_state)
+        object.__setattr__(model, "_keras_lora_base_values", base_values)
+        _reset_compiled_functions(model, optimizer)
+    return model
+
+
+def _apply_spec(model, spec, by_path, trained_layers, trainable_state):
     set_trainable(model, True)  # layer flags; variables are frozen one by one below
-    converted = []
-    try:
-        for path, config in spec["layers"].items():
-            layer = by_path[path]
-            if isinstance(layer, LoRALayer):
-                if layer.rank != config["rank"]:
-                    raise ValueError(
-                        f"Layer '{path}' already has LoRA rank {layer.rank}, but "
-                        f"the spec records rank {config['rank']}."
-                    )
-                continue
-            lora_class_for(layer).adapt(layer, **config)
-            converted.append(layer)
-    except Exception:
-        for layer in converted:
-            layer.unadapt(merge=False)
-        _restore_trainable(model, trainable_state)
-        raise
+    for path, config in spec["layers"].items():
+        layer = by_path[path]
+        if isinstance(layer, LoRALayer):
+            check_layer_matches(layer, path, config)
+            continue
+        lora_class_for(layer).adapt(layer, **config)
     for path in spec["layers"]:
         by_path[path]._lora_set("_lora_primary", "default")  # named_adapters.py
     _freeze_all_but(model, lora_layers(model), trained_layers)
@@ -292,7 +292,6 @@ def apply_spec(model, spec, trainable_state=None, keep_base_values=True):
         model.__class__ = adapted_model.adapted_class(type(model))
     object.__setattr__(model, "_keras_lora_spec", spec)
     object.__setattr__(model, "_keras_lora_trainable_state", trainable_state)
-    object.__setattr__(model, "_keras_lora_base_values", base_values)
     # Named adapters (named_adapters.py): this spec is the first one.
     object.__setattr__(model, "_keras_lora_adapters", {"default": spec})
     object.__setattr__(model, "_keras_lora_active", None)
@@ -300,8 +299,6 @@ def apply_spec(model, spec, trainable_state=None, keep_base_values=True):
     object.__setattr__(model, "_keras_lora_functions", {})
     for path in spec["train_layers"]:
         model._keras_lora_heads["owner"][path] = "default"
-    _reset_compiled_functions(model, optimizer)
-    return model
 
 
 def _freeze_all_but(model, adapted, trained, factors=None):
@@ -376,12 +373,15 @@ def merge_lora(model):
         The same model object, with no LoRA layer and no LoRA variable left.
     """
     check_model(model)
+    adapted_model.check_outside_adapter_ids(model, "`merge_lora`")
     if not lora_layers(model):
         raise ValueError(
             f"Model '{model.name}' has no LoRA layer to merge. Call "
             "`keras_lora.enable_lora(model)` first."
         )
-    return revert(model, merge=True)
+    written = [v for layer in lora_layers(model) for v in layer.weights]
+    with atomic.all_or_nothing(model, written):
+        return revert(model, merge=True)
 
 
 def revert(model, merge, optimizer=None):

@@ -13,11 +13,17 @@ def existing_file(path, what):
     return path
 
 
-def new_output(path, inputs, what):
-    """Checks that writing `path` destroys none of the `inputs`."""
+def new_output(path, inputs, what, force=False):
+    """Checks that writing `path` destroys none of the `inputs`, and nothing
+    that exists unless `force` (the command's `--force`)."""
     for other in inputs:
         if os.path.exists(other) and os.path.realpath(other) == os.path.realpath(path):
             raise ValueError(f"{what} {path!r} would overwrite an input file.")
+    exists = os.path.isfile(path) or (os.path.isdir(path) and os.listdir(path))
+    if exists and not force:
+        raise ValueError(
+            f"{what} {path!r} already exists: pass --force to overwrite it."
+        )
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise ValueError(f"{what} {path!r}: the folder {parent!r} does not exist.")
@@ -45,7 +51,13 @@ def load_base(path, hub_class="Backbone"):
         # is deserialized.
         import keras_lora.transform  # noqa: F401
 
-        return keras.saving.load_model(path, compile=False)
+        try:
+            return keras.saving.load_model(path, compile=False)
+        except Exception as error:  # an edited config: name the file
+            raise ValueError(
+                f"Base model {path!r} cannot be loaded "
+                f"({type(error).__name__}: {error})"
+            ) from None
     import keras_hub
 
     loader = getattr(keras_hub.models, hub_class, None)
@@ -55,3 +67,11 @@ def load_base(path, hub_class="Backbone"):
             f"(Backbone, CausalLM, TextClassifier, ...). Received: {hub_class!r}"
         )
     return loader.from_preset(path)
+
+
+def add_force_argument(parser):
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="overwrite the output if it exists (refused otherwise)",
+    )

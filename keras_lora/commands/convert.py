@@ -8,6 +8,8 @@ layers the adapter's modules map onto.
 
 import os
 
+from keras_lora.commands.common import add_force_argument
+
 DESCRIPTION = (
     "Converts a Hugging Face PEFT LoRA adapter folder into a keras-lora adapter "
     "file, or a keras-lora adapter file into a PEFT folder (by SRC: a folder or "
@@ -45,6 +47,7 @@ def add_arguments(parser):
         "--base (default: %(default)s); an adapter with a trained head needs the "
         "task model: pass it as a .keras file",
     )
+    add_force_argument(parser)
 
 
 def run(args):
@@ -56,7 +59,6 @@ def run(args):
                 "From a PEFT folder, DST must be a keras-lora adapter file ending "
                 f"in '.keras'. Received: DST={args.destination!r}"
             )
-        new_output(args.destination, [args.source, args.base], "DST")
         _peft_to_adapter(args)
         kind = "keras-lora adapter file"
     else:
@@ -71,6 +73,7 @@ def run(args):
                 "From an adapter file, DST must be a folder (PEFT's layout). "
                 f"Received: DST={args.destination!r}, an existing file"
             )
+        new_output(args.destination, [args.source, args.base], "DST", args.force)
         _adapter_to_peft(args)
         kind = "PEFT adapter folder"
     print(f"Converted {args.source} into the {kind} {args.destination}.")
@@ -78,10 +81,11 @@ def run(args):
 
 def _peft_to_adapter(args):
     from keras_lora.adapters import save_adapter
-    from keras_lora.commands.common import load_base
+    from keras_lora.commands.common import load_base, new_output
     from keras_lora.interop import load_peft_adapter, peft_reading
 
     peft_reading.read_config(args.source)  # a clear error before loading the base
+    new_output(args.destination, [args.source, args.base], "DST", args.force)
     model = load_base(args.base, args.hub_class)
     load_peft_adapter(model, args.source)
     save_adapter(model, args.destination)

@@ -64,7 +64,20 @@ def describe(path):
     if "config.json" in names:
         from keras_lora.commands import inspect_model
 
-        return inspect_model.describe(path)
+        try:
+            return inspect_model.describe(path)
+        except (
+            AttributeError,
+            ArithmeticError,
+            LookupError,
+            TypeError,
+            RecursionError,
+        ) as error:
+            # A crafted config.json: say which file, not where it broke.
+            raise ValueError(
+                f"'{path}': config.json is not a valid .keras model config "
+                f"({type(error).__name__}: {error})."
+            ) from None
     raise ValueError(
         f"{path!r} is a zip archive but neither a keras-lora adapter file nor a "
         f".keras model (it holds {sorted(names)[:5]})."

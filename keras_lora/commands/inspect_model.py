@@ -11,6 +11,7 @@ import os
 import zipfile
 
 from keras_lora.commands.inspect_file import layer_entry
+from keras_lora.spec import check_spec
 
 # config.json of a large KerasHub model is tens of KB; refuse absurd sizes
 # before reading (a zip member may declare anything).
@@ -32,7 +33,12 @@ def describe(path):
         raise ValueError(
             f"'{path}' is not a .keras model: its config.json has no 'class_name'."
         )
-    specs = [c["config"]["lora"] for c in _walk(config) if _is_adapted_model(c)]
+    # The library's own checks: a crafted spec is a ValueError naming the file.
+    specs = [
+        check_spec(c["config"]["lora"], f"'{path}'", True)
+        for c in _walk(config)
+        if _is_adapted_model(c)
+    ]
     layers, trained = [], []
     for spec in specs:
         for layer_path, settings in (spec.get("layers") or {}).items():
@@ -94,7 +100,7 @@ def _json_member(archive, name, path):
         raise ValueError(f"'{path}': {name} is {info.file_size:,} bytes, too large.")
     try:
         return json.loads(archive.read(name))
-    except ValueError as error:
+    except (ValueError, RecursionError) as error:  # RecursionError: deep nesting
         raise ValueError(f"'{path}': {name} is not valid JSON ({error}).") from None
 
 

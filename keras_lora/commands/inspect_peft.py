@@ -3,6 +3,7 @@
 import os
 
 from keras_lora.commands.inspect_file import layer_entry
+from keras_lora.patterns import BoundedMatcher
 
 
 def describe(path):
@@ -19,11 +20,13 @@ def describe(path):
     grouped, saved = peft_reading.group_tensors(tensors, config)
     # PEFT's defaults (LoraConfig) for fields a config leaves out.
     default_alpha = config.get("lora_alpha", 8)
+    # The file supplies both the patterns and the names: bounded matching.
+    matcher = BoundedMatcher(os.path.join(path, peft_config.CONFIG_FILE))
     layers = []
     for module, parts in sorted(grouped.items()):
         rank = parts["a"].shape[0]
         alpha = peft_config.pattern_value(
-            config.get("alpha_pattern") or {}, module, default_alpha
+            config.get("alpha_pattern") or {}, module, default_alpha, matcher=matcher
         )
         entry = layer_entry(
             module,

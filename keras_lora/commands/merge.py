@@ -2,6 +2,8 @@
 
 import os
 
+from keras_lora.commands.common import add_force_argument
+
 DESCRIPTION = (
     "Loads the base model, applies the adapter file (load_adapter), folds the "
     "update into the kernels and writes a plain .keras model (export_merged): "
@@ -20,6 +22,7 @@ def add_arguments(parser):
     parser.add_argument(
         "out", metavar="OUT.keras", help="the merged model to write (.keras)"
     )
+    add_force_argument(parser)
 
 
 def run(args):
@@ -29,7 +32,7 @@ def run(args):
     existing_file(args.adapter, "Adapter file")
     if not args.out.endswith(".keras"):
         raise ValueError(f"OUT.keras must end in '.keras'. Received: {args.out!r}")
-    new_output(args.out, [args.base, args.adapter], "OUT.keras")
+    new_output(args.out, [args.base, args.adapter], "OUT.keras", args.force)
     from keras_lora.adapters import load_adapter
     from keras_lora.export import export_merged
     from keras_lora.transform import lora_layers

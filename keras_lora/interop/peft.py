@@ -19,7 +19,7 @@ import warnings
 
 import keras
 
-from keras_lora import adapted_model, named_adapters, transform
+from keras_lora import adapted_model, atomic, named_adapters, patterns, transform
 from keras_lora.interop import (
     architectures,
     factors,
@@ -98,12 +98,16 @@ def load_peft_adapter(model, path, name=None):
     unique_path = transform._path_checker(model)
     trained = peft_reading.saved_modules_plan(saved, prefix, context)
     plan = {}  # layer path -> (layer, lora config, A, B)
+    # The folder supplies both the patterns and the names: bounded matching.
+    matcher = patterns.BoundedMatcher(os.path.join(path, peft_config.CONFIG_FILE))
     for name, module in named.items():
         full = prefix + name
         parts = grouped[full]
-        rank = peft_config.pattern_value(settings["rank_pattern"], full, settings["r"])
+        rank = peft_config.pattern_value(
+            settings["rank_pattern"], full, settings["r"], matcher=matcher
+        )
         alpha = peft_config.pattern_value(
-            settings["alpha_pattern"], full, settings["lora_alpha"]
+            settings["alpha_pattern"], full, settings["lora_alpha"], matcher=matcher
         )
         layouts = [factors.layout(layer) for layer in module.layers]
         a, b = peft_reading.module_factors(full, parts, layouts, rank)
@@ -154,16 +158,12 @@ def load_peft_adapter(model, path, name=None):
         "layers": {p: dict(entry[1]) for p, entry in plan.items()},
         "train_layers": [unique_path(layer) for layer, _ in trained],
     }
-    optimizer = getattr(model, "optimizer", None)
-    previous = [
-        (variable, keras.ops.convert_to_numpy(variable))
-        for layer, _ in trained
-        for variable in layer.weights
-    ]
-    if beside:
-        return _load_beside(model, adapter_name, spec, plan, trained)
-    transform.apply_spec(model, spec)
-    try:
+    written = [v for layer, _ in trained for v in layer.weights]
+    with atomic.all_or_nothing(model, written):  # an interrupt too
+        if beside:
+            _load_beside(model, adapter_name, spec, plan, trained)
+            return model
+        transform.apply_spec(model, spec)
         for layer, _, a, b, magnitude in plan.values():
             layer.lora_a.assign(a)
             layer.lora_b.assign(b)
@@ -172,36 +172,25 @@ def load_peft_adapter(model, path, name=None):
         for layer, values in trained:
             for attribute, value in values.items():
                 getattr(layer, attribute).assign(value)  # cast to its dtype
-    except BaseException:  # an interrupt too: all or nothing
-        for variable, value in previous:
-            variable.assign(value)
-        # The optimizer (and its state) goes back with the old variables.
-        transform.revert(model, merge=False, optimizer=optimizer)
-        raise
-    if adapter_name is not None:
-        named_adapters._rename_first(model, adapter_name)
+        if adapter_name is not None:
+            named_adapters.rename_first(model, adapter_name)
     return model
 
 
 def _load_beside(model, name, spec, plan, trained):
     """Adds the planned adapter as `name` beside the model's other adapters."""
     named_adapters.add_spec(model, name, spec)
-    try:
-        for layer, _, a, b, _ in plan.values():
-            adapter = layer.lora_adapter(name)
-            adapter.a.assign(a)
-            adapter.b.assign(b)
-        stored = model._keras_lora_heads["stored"].setdefault(name, {})
-        for layer, values in trained:
-            for attribute, value in values.items():
-                variable = getattr(layer, attribute)
-                stored[variable.path] = keras.ops.convert_to_numpy(
-                    keras.ops.cast(value, variable.dtype)
-                )
-    except BaseException:  # an interrupt too: all or nothing
-        named_adapters.delete_adapter(model, name)
-        raise
-    return model
+    for layer, _, a, b, _ in plan.values():
+        adapter = layer.lora_adapter(name)
+        adapter.a.assign(a)
+        adapter.b.assign(b)
+    stored = model._keras_lora_heads["stored"].setdefault(name, {})
+    for layer, values in trained:
+        for attribute, value in values.items():
+            variable = getattr(layer, attribute)
+            stored[variable.path] = keras.ops.convert_to_numpy(
+                keras.ops.cast(value, variable.dtype)
+            )
 
 
 def save_peft_adapter(model, path, module_prefix=None, name=None):

@@ -36,8 +36,14 @@ UNSUPPORTED = {
 }
 
 
-def is_targeted(config, module_name):
+def is_targeted(config, module_name, match=re.match):
     """Whether PEFT's `target_modules` (and exclusions) select `module_name`.
+
+    Args:
+        config: the checked `adapter_config.json`.
+        module_name: a full module name.
+        match: `re.match`, or a `patterns.BoundedMatcher` (the config and
+            the name's prefix come from a file).
 
     Returns None when the config does not say (no `target_modules`, or
     `"all-linear"`, which PEFT resolves against the torch model).
@@ -48,16 +54,16 @@ def is_targeted(config, module_name):
     excluded = config.get("exclude_modules")
     if excluded:
         if isinstance(excluded, str):
-            if re.fullmatch(excluded, module_name):
+            if match(rf"(?:{excluded})\Z", module_name):  # re.fullmatch
                 return False
         elif _in_list(excluded, module_name):
             return False
     for saved in config.get("modules_to_save") or []:
         # PEFT never puts LoRA on a module it saves whole.
-        if re.match(saved_module_regex(saved), module_name):
+        if match(saved_module_regex(saved), module_name):
             return False
     if isinstance(targets, str):
-        return re.fullmatch(targets, module_name) is not None
+        return match(rf"(?:{targets})\Z", module_name) is not None
     if module_name in targets:
         return True
     if not _in_list(targets, module_name):
@@ -68,16 +74,16 @@ def is_targeted(config, module_name):
     indexes = [indexes] if isinstance(indexes, int) else indexes
     layers_pattern = config.get("layers_pattern")
     if not layers_pattern:
-        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module_name)
+        found = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module_name)
     else:
         if isinstance(layers_pattern, str):
             layers_pattern = [layers_pattern]
-        match = None
+        found = None
         for pattern in layers_pattern:
-            match = re.match(layers_pattern_regex(pattern), module_name)
-            if match is not None:
+            found = match(layers_pattern_regex(pattern), module_name)
+            if found is not None:
                 break
-    return match is not None and int(match.group("idx")) in indexes
+    return found is not None and int(found.group("idx")) in indexes
 
 
 def _in_list(names, module_name):

@@ -12,6 +12,7 @@ import os
 import keras
 import numpy as np
 
+from keras_lora import patterns
 from keras_lora.interop import (
     architectures,
     factors,
@@ -235,8 +236,10 @@ def saved_modules_plan(saved, prefix, context):
 
 def check_targets(config, prefix, named, context):
     """Every module `target_modules` selects has factors, and only those."""
+    # The config and the names' prefix come from the folder: bounded matching.
+    match = patterns.BoundedMatcher(CONFIG_FILE)
     for name in context["modules"]:
-        targeted = peft_config.is_targeted(config, prefix + name)
+        targeted = peft_config.is_targeted(config, prefix + name, match)
         if targeted is None:
             return
         if targeted and name not in named:

@@ -244,6 +244,7 @@ class AdapterSet:
     def _lora_total_delta(self, inputs, training):
         """The sum of the active adapters' updates (None when there is none)."""
         if self._lora_active is not None and self._lora_example_ids is not None:
+            self._lora_check_example_batch(inputs, training)
             return self._lora_mixed_delta(inputs, self._lora_example_names)
         return self._lora_each_active(
             lambda adapter: self._lora_delta(inputs, training, adapter)
@@ -320,6 +321,25 @@ class AdapterSet:
         a_parts = [a_zero if a is None else a for a in a_parts] + [a_zero]
         b_parts = [b_zero if b is None else b for b in b_parts] + [b_zero]
         return ops.stack(a_parts), ops.stack(b_parts)
+
+    def _lora_check_example_batch(self, inputs, training):
+        """Per-example adapters: inference on a batch of exactly len(ids)."""
+        if training is True:
+            raise ValueError(
+                f"Layer '{self.path}' runs per-example adapters "
+                "(`keras_lora.adapter_ids`), which are for inference: train "
+                "each adapter outside the block, after "
+                "`keras_lora.set_adapter(model, name)`. Received: training=True"
+            )
+        size, batch = self._lora_example_ids.shape[0], inputs.shape[0]
+        if batch != size:
+            raise ValueError(
+                f"Layer '{self.path}' runs per-example adapters for batches of "
+                f"exactly len(ids) = {size} examples. Received: a batch of "
+                f"{'unknown size' if batch is None else batch} (call `predict` "
+                "with `batch_size=len(ids)` on a number of examples it "
+                "divides, or open one `adapter_ids` block per batch)."
+            )
 
     def _lora_mixed_delta(self, inputs, names):
         """Each example's update with its own adapter (`adapter_ids`).

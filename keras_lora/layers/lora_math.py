@@ -17,18 +17,28 @@ def check_rank(rank):
     return int(rank)
 
 
+# The largest finite float32: a scale above it is infinite in the factors'
+# dtype (NaN outputs from the first step).
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def is_float32_scale(value):
+    """True for a positive real number that is finite in float32."""
+    return (
+        not isinstance(value, bool)
+        and isinstance(value, numbers.Real)
+        and 0 < value <= FLOAT32_MAX
+    )
+
+
 def check_alpha(alpha, rank):
     """Returns the effective alpha: `rank` when `alpha` is None."""
     if alpha is None:
         return float(rank)
-    if (
-        isinstance(alpha, bool)
-        or not isinstance(alpha, numbers.Real)
-        or not math.isfinite(alpha)
-        or alpha <= 0
-    ):
+    if not is_float32_scale(alpha):
         raise ValueError(
-            f"`alpha` must be a positive number or None. Received: alpha={alpha!r}"
+            "`alpha` must be a positive number (finite in float32) or None. "
+            f"Received: alpha={alpha!r}"
         )
     return float(alpha)
 

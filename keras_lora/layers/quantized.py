@@ -143,9 +143,11 @@ def quantization_config(layer, mode):
     """The config that re-quantizes like `layer` (mode `mode`), or None."""
     if mode == layer.quantization_mode and layer.quantization_config is not None:
         return layer.quantization_config
-    if mode == "int4":
-        block = _block_size(layer) if layer.quantization_mode == "int4" else None
+    if mode == "int4" and layer.quantization_mode == "int4":
+        block = _block_size(layer)  # an int4 base keeps its block size
         return quantizers.Int4QuantizationConfig(block_size=block if block else -1)
+    if mode == "int4":  # what `model.quantize("int4")` uses (block size 128)
+        return quantizers.Int4QuantizationConfig()
     return None
 
 

@@ -12,6 +12,7 @@ import os
 import pickle
 import stat
 import struct
+import time
 import tracemalloc
 
 import keras
@@ -490,3 +491,47 @@ def test_failed_save_writes_nothing(adapted, tmp_path, monkeypatch):
     ]
     assert (existing / "adapter_config.json").read_text() == "old config"
     assert (existing / "adapter_model.safetensors").read_text() == "old weights"
+
+
+def test_catastrophic_patterns_are_matched_under_a_time_bound(llama, tmp_path):
+    """Issue 21 item 6: `keras-lora convert` of this folder ran for hours."""
+    from test_hardening_round2 import RUN, crafted_peft_folder
+
+    module = RUN + ".model.layers.0.self_attn.q_proj"  # ends in a known module
+    folder = crafted_peft_folder(tmp_path / "peft", module)
+    before = model_state(llama)
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="adapter_config.json.*nested repetition"):
+        keras_lora.load_peft_adapter(llama, folder)
+    assert time.perf_counter() - start < 2
+    assert_same_state(before, model_state(llama))
+
+
+def test_catastrophic_target_modules_are_matched_under_a_time_bound(llama, tmp_path):
+    """Issue 21 item 6: the other regular expressions meet the folder's names too."""
+    from test_hardening_round2 import RUN, crafted_peft_folder
+
+    module = RUN + ".model.layers.0.self_attn.q_proj"
+    folder = crafted_peft_folder(tmp_path / "peft", module)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    del config["rank_pattern"], config["alpha_pattern"]
+    config["target_modules"] = "(a|aa)+b"
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="nested repetition"):
+        keras_lora.load_peft_adapter(llama, folder)
+    assert time.perf_counter() - start < 2
+
+
+def test_interrupted_load_leaves_the_model_as_it_was(llama, tmp_path):
+    """Issue 21 item 3: a KeyboardInterrupt at each step of the load."""
+    from test_hardening_round2 import interrupt_each_step
+
+    folder = write_adapter(tmp_path, {"target_modules": ["q_proj"]})
+    # Every 10th of its steps: each try reads and checks the folder again.
+    steps = interrupt_each_step(
+        llama, lambda: keras_lora.load_peft_adapter(llama, folder), stride=10
+    )
+    assert steps > 100
+    assert len(keras_lora.lora_layers(llama)) == 1
+    keras_lora.delete_adapter(llama, "default")  # the module's model, unchanged
