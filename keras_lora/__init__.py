@@ -102,3 +102,4 @@ def _started_as_command():
 if not _started_as_command():
     for _name in __all__:
         __getattr__(_name)
+    _importlib.import_module("keras_lora.saving")  # adapted models' load hook

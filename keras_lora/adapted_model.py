@@ -34,19 +34,12 @@ class AdaptedModel:
     _keras_lora_base = None  # the model's original class
 
     def get_config(self):
-        from keras_lora import named_adapters
-
         check_outside_adapter_ids(self, "`model.save` (`get_config`)")
         with as_class(self, self._keras_lora_base):
             inner = keras.saving.serialize_keras_object(self)
         # The outer object recompiles after LoRA is on: drop the inner copy.
         inner.pop("compile_config", None)
-        return {
-            "model": inner,
-            "lora": dict(self._keras_lora_spec),
-            "trainable": dict(self._keras_lora_trainable_state),
-            "named": named_adapters.saved_config(self),
-        }
+        return _saving_hook("config")(self, inner)
 
     def get_build_config(self):
         return None  # the inner config carries the build config
@@ -61,38 +54,29 @@ class AdaptedModel:
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
-        from keras_lora import named_adapters
-        from keras_lora.spec import (
-            LEGACY_KEYS,
-            check_named_config,
-            check_spec,
-            check_trainable_state,
-        )
-        from keras_lora.transform import apply_spec
+        return _saving_hook("from_config")(config, custom_objects)
 
-        if not isinstance(config, dict) or "model" not in config:
-            raise ValueError(
-                "A keras-lora adapted model config needs the keys 'model' and "
-                f"'lora'. Received: config keys={sorted(config or {})}"
-            )
-        spec = check_spec(config.get("lora"), "The saved model", True)
-        # Models saved by keras-lora 0.1 kept the flags inside the spec.
-        state = config.get("trainable") or {
-            "model": True,
-            **{key: config["lora"].get(key, []) for key in LEGACY_KEYS},
-        }
-        state = check_trainable_state(state, "The saved model")
-        model = keras.saving.deserialize_keras_object(
-            config["model"], custom_objects=custom_objects
+
+# How an adapted model's config is written and read back needs the spec, the
+# transforms and the named adapters, floors above this one:
+# `keras_lora.saving` (imported by `import keras_lora` and by the command
+# line) registers both halves here.
+_SAVING_HOOKS = {}
+
+
+def set_saving_hooks(config, from_config):
+    """Registers `config(model, inner_config) -> dict` and
+    `from_config(config, custom_objects) -> model` (see `keras_lora.saving`)."""
+    _SAVING_HOOKS.update(config=config, from_config=from_config)
+
+
+def _saving_hook(name):
+    if name not in _SAVING_HOOKS:
+        raise RuntimeError(
+            "A keras-lora adapted model is saved and loaded by keras_lora.saving: "
+            "`import keras_lora` first."
         )
-        named = config.get("named")
-        if named is not None:
-            named = check_named_config(named, "The saved model")
-        # The weights are loaded after this: there are no base values yet.
-        model = apply_spec(model, spec, trainable_state=state, keep_base_values=False)
-        if named is not None:
-            named_adapters.restore_adapters(model, named)
-        return model
+    return _SAVING_HOOKS[name]
 
 
 # Registered under one name: every per-class subclass loads through the mixin.

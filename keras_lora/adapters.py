@@ -27,7 +27,7 @@ import h5py
 import keras
 import numpy as np
 
-from keras_lora import atomic, lora_init, named_adapters, transform
+from keras_lora import atomic, lora_init, model_paths, named_adapters, transform
 from keras_lora.io_utils import atomic_write, check_keras_path
 from keras_lora.layers.adapter_set import check_adapter_name
 from keras_lora.safe_files import MAX_JSON_BYTES, read_flat_dataset, read_member
@@ -292,7 +292,7 @@ def load_adapter(model, filepath, name=None):
             f"Model '{model.name}' already has an adapter named {name!r}: "
             "delete it first (`keras_lora.delete_adapter`) or pick another name."
         )
-    by_path = transform._layers_by_path(model)
+    by_path = model_paths.layers_by_path(model)
     # The variables that may be overwritten: the trained heads, and the
     # factors of the adapter that the file replaces.
     written = [

@@ -122,6 +122,9 @@ def main(argv=None):
     quiet_third_party_logs()  # an application: hide TensorFlow's C++ logs
     parser = build_parser(argv)
     args = parser.parse_args(argv)
+    # Every command below loads Keras: adapted models load through this hook.
+    from keras_lora import saving  # noqa: F401
+
     check = getattr(args.module, "check", None)
     if check is not None:
         check(args.parser, args)

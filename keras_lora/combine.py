@@ -20,7 +20,7 @@ import numbers
 import keras
 import numpy as np
 
-from keras_lora import named_adapters, transform
+from keras_lora import model_paths, named_adapters, transform
 from keras_lora.spec import SPEC_VERSION
 
 COMBINATIONS = ("linear", "cat", "svd")
@@ -93,7 +93,7 @@ def combine_adapters(model, names, weights, new_name, combination="svd", rank=No
             for n, w in zip(names, weights)
             if n in layer.lora_adapter_names
         ]
-        factors[transform.relative_path(model, layer.path)] = _combine(
+        factors[model_paths.relative_path(model, layer.path)] = _combine(
             layer, parts, combination, rank
         )
     spec = {
@@ -113,7 +113,7 @@ def combine_adapters(model, names, weights, new_name, combination="svd", rank=No
         "train_layers": [],
     }
     named_adapters.add_spec(model, new_name, spec)
-    by_path = transform._layers_by_path(model)
+    by_path = model_paths.layers_by_path(model)
     for path, (a, b) in factors.items():
         adapter = by_path[path].lora_adapter(new_name)
         adapter.a.assign(a.astype("float32"))

@@ -40,6 +40,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_lora import model_paths
+
 INITS = ("default", "gaussian", "pissa", "olora")
 # Inits that move part of W into the factors (the layer's `init` argument):
 # the layer keeps its starting factors, frozen, as `lora_a_initial` /
@@ -75,9 +77,7 @@ def check_residual_targets(model, spec):
     the model. (A reloaded model quantized after `enable_lora` rebuilds its
     layers quantized, then loads its values: `initialize_layer` skips those.)
     """
-    from keras_lora import transform  # transform imports this module
-
-    by_path = transform._layers_by_path(model)
+    by_path = model_paths.layers_by_path(model)
     for path, config in spec["layers"].items():
         if config.get("init"):
             _check_float_kernel(by_path[path], config["init"])
@@ -256,9 +256,7 @@ def for_original_base(model, spec, entries):
     residual = [p for p, c in spec["layers"].items() if c.get("init")]
     if not residual:
         return spec, entries
-    from keras_lora import transform  # transform imports this module
-
-    by_path = transform._layers_by_path(model)
+    by_path = model_paths.layers_by_path(model)
     entries = dict(entries)
     layers = dict(spec["layers"])
     for path in residual:

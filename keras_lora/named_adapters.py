@@ -24,7 +24,7 @@ import numbers
 import keras
 import numpy as np
 
-from keras_lora import adapted_model, atomic, transform
+from keras_lora import adapted_model, atomic, model_paths, transform
 from keras_lora.layers.adapter_set import check_adapter_name
 from keras_lora.layers.lora_layer import LoRALayer
 from keras_lora.spec import check_layer_matches
@@ -101,7 +101,7 @@ def add_adapter(
 
 def add_spec(model, name, spec):
     """Adds adapter `name` as `spec` records it (inactive); all or nothing."""
-    by_path = transform._layers_by_path(model)
+    by_path = model_paths.layers_by_path(model)
     missing = [p for p in [*spec["layers"], *spec["train_layers"]] if p not in by_path]
     if missing:
         raise ValueError(
@@ -284,7 +284,7 @@ def adapter_variables(model, name):
     value is its stored copy (or the base value it never moved from).
     """
     name, spec = adapter_spec(model, name)
-    by_path = transform._layers_by_path(model)
+    by_path = model_paths.layers_by_path(model)
     entries = {}
     for path in spec["layers"]:
         adapter = by_path[path].lora_adapter(name)
@@ -300,7 +300,7 @@ def adapter_variables(model, name):
         # All of the layer's weights: a trained BatchNormalization's moving
         # statistics belong to the adapter too.
         for variable in transform.head_weights(by_path[path]):
-            key = f"train/{transform.relative_path(model, variable.path)}"
+            key = f"train/{model_paths.relative_path(model, variable.path)}"
             if key in entries:
                 raise ValueError(
                     f"Two trainable weights share the path '{variable.path}'; "
@@ -317,7 +317,7 @@ def assign_adapter_values(model, name, entries, arrays):
     """Assigns file arrays to an adapter: live variables, or its head store."""
     owners = model._keras_lora_heads["owner"]
     spec = model._keras_lora_adapters[name]
-    by_path = transform._layers_by_path(model)
+    by_path = model_paths.layers_by_path(model)
     live_heads = {
         id(v)
         for path in spec["train_layers"]
@@ -360,7 +360,7 @@ def _activate(model, pairs, structure_changed=False, move_heads=True):
             saved model, whose variables get the saved owners' values next).
     """
     adapted_model.check_outside_adapter_ids(model, "Changing the adapters")
-    by_path = transform._layers_by_path(model)
+    by_path = model_paths.layers_by_path(model)
     specs = model._keras_lora_adapters.values()
     heads = [by_path[p] for spec in specs for p in spec["train_layers"]]
     written = [v for layer in heads for v in transform.head_weights(layer)]
@@ -380,7 +380,7 @@ def _activate_now(model, pairs, structure_changed, move_heads):
                     f"'{path}': only one of them can be active with it."
                 )
             owners[path] = name
-    by_path = transform._layers_by_path(model)
+    by_path = model_paths.layers_by_path(model)
     heads = model._keras_lora_heads
     all_heads = {p for spec in specs.values() for p in spec["train_layers"]}
     base = model._keras_lora_base_values
@@ -393,7 +393,7 @@ def _activate_now(model, pairs, structure_changed, move_heads):
             "swapped: keep the active adapter, or load the adapters with "
             "`load_adapter(..., name=...)` onto a fresh base."
         )
-    optimizer = transform._fresh_optimizer(model)
+    optimizer = transform.fresh_optimizer(model)
     before = [id(v) for v in model.trainable_variables]
     # Heads: park the outgoing owner's values, bring in the incoming ones.
     for path in sorted(all_heads):
@@ -425,7 +425,7 @@ def _activate_now(model, pairs, structure_changed, move_heads):
                     adapter = layer.lora_adapter(name)
                     factors += [adapter.a, adapter.b]
     transform.set_trainable(model, True)
-    transform._freeze_all_but(
+    transform.freeze_all_but(
         model, adapted, [by_path[p] for p in owners], factors=factors
     )
     _swap_functions(model, active, structure_changed)

@@ -21,6 +21,7 @@ import sys
 import keras
 
 from keras_lora.layers.lora_layer import LoRALayer
+from keras_lora.model_paths import sublayers
 
 # The last path component of query / value projections across KerasHub (and
 # Hugging Face names, for user models): `query`/`value` (Keras MHA, GPT-2, BERT,
@@ -66,11 +67,6 @@ def is_adaptable(layer):
 
 def is_lora(layer):
     return isinstance(layer, LoRALayer)
-
-
-def sublayers(model):
-    """Every layer below `model`, depth first, each once."""
-    return list(model._flatten_layers(include_self=False, recursive=True))
 
 
 def describe(layer):

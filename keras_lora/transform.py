@@ -8,7 +8,6 @@ on the model (see `adapted_model.py`), which `model.save`, `save_adapter` and
 `merge_lora` read.
 """
 
-import collections
 import contextlib
 import warnings
 
@@ -23,6 +22,7 @@ from keras_lora.layers.dense import LoRADense
 from keras_lora.layers.einsum_dense import LoRAEinsumDense
 from keras_lora.layers.embedding import LoRAEmbedding
 from keras_lora.layers.lora_layer import LoRALayer
+from keras_lora.model_paths import layers_by_path, path_checker, relative_path
 from keras_lora.spec import SPEC_VERSION, check_layer_matches
 
 __all__ = ["SPEC_VERSION", "enable_lora", "merge_lora", "disable_lora"]
@@ -144,7 +144,7 @@ def enable_lora(
         model, rank, alpha, targets, dropout, train_layers, use_rslora, **per_layer
     )
     lora_init.check_residual_targets(model, spec)  # PiSSA/OLoRA: float kernels
-    by_path = _layers_by_path(model)
+    by_path = layers_by_path(model)
     # PiSSA/OLoRA write the residual into the base kernels.
     written = [by_path[p].weights for p in spec["layers"] if per_layer["init"]]
     with atomic.all_or_nothing(model, [v for ws in written for v in ws]):
@@ -202,7 +202,7 @@ def build_spec(
             "`train_layers`: an adapted layer's base weights stay frozen."
         )
     patterns.check_patterns(rank_pattern, alpha_pattern)
-    unique_path = _path_checker(model)
+    unique_path = path_checker(model)
     paths = [unique_path(lyr) for lyr in selected]
     patterns.check_all_used(rank_pattern, "rank_pattern", paths)
     patterns.check_all_used(alpha_pattern, "alpha_pattern", paths)
@@ -245,7 +245,7 @@ def apply_spec(model, spec, trainable_state=None, keep_base_values=True):
             are now, for `disable_lora` (False when they are not the base's
             values yet: a model being reloaded).
     """
-    by_path = _layers_by_path(model)
+    by_path = layers_by_path(model)
     missing = [p for p in [*spec["layers"], *spec["train_layers"]] if p not in by_path]
     if missing:
         raise ValueError(
@@ -254,7 +254,7 @@ def apply_spec(model, spec, trainable_state=None, keep_base_values=True):
             f"{sorted(by_path)[:12]}"
         )
     # Everything that can fail without touching the model runs first.
-    optimizer = _fresh_optimizer(model)
+    optimizer = fresh_optimizer(model)
     if trainable_state is None:
         trainable_state = _trainable_state(model)
     trained_layers = [by_path[p] for p in spec["train_layers"]]
@@ -284,7 +284,7 @@ def _apply_spec(model, spec, by_path, trained_layers, trainable_state):
         lora_class_for(layer).adapt(layer, **config)
     for path in spec["layers"]:
         by_path[path]._lora_set("_lora_primary", "default")  # named_adapters.py
-    _freeze_all_but(model, lora_layers(model), trained_layers)
+    freeze_all_but(model, lora_layers(model), trained_layers)
     # Quantized bases: a tied int8 logits table would give the layers below
     # it no gradient, and a policy-map model could not save (quantized.py).
     quantized.prepare_model(model)
@@ -301,7 +301,7 @@ def _apply_spec(model, spec, by_path, trained_layers, trainable_state):
         model._keras_lora_heads["owner"][path] = "default"
 
 
-def _freeze_all_but(model, adapted, trained, factors=None):
+def freeze_all_but(model, adapted, trained, factors=None):
     """Leaves only the factors and the `trained` layers' weights trainable.
 
     Layers with nothing left to train get `trainable=False` (Keras's transfer
@@ -395,7 +395,7 @@ def revert(model, merge, optimizer=None):
             the one it had, with its state); None for an unbuilt copy.
     """
     if optimizer is None:
-        optimizer = _fresh_optimizer(model)
+        optimizer = fresh_optimizer(model)
     for layer in lora_layers(model):
         layer.unadapt(merge=merge)
     if adapted_model.is_adapted(model):
@@ -467,7 +467,7 @@ def disable_lora(model):
                 stacklevel=3,
             )
         else:
-            by_path = _layers_by_path(model)
+            by_path = layers_by_path(model)
             swaps += [
                 (variable, base_values[variable.path])
                 for path in owned
@@ -518,51 +518,6 @@ def check_model(model):
         )
 
 
-def relative_path(model, path):
-    """`path` without the model's own name in front.
-
-    A Sequential model built with an `Input` names its layers `"<model>/dense"`,
-    and the same model rebuilt by `load_model` names them `"dense"`: specs,
-    adapter files and trainable flags record paths relative to the model, so
-    that they mean the same layers before and after a reload.
-    """
-    prefix = f"{model.name}/"
-    return path[len(prefix) :] if path and path.startswith(prefix) else path
-
-
-def _layers_by_path(model):
-    """{relative path: layer} for the layers whose path is unique (full paths,
-    as keras-lora 0.1 recorded them, are accepted too)."""
-    by_path = {}
-    for layer in targets_lib.sublayers(model):
-        if layer.path:
-            for path in {relative_path(model, layer.path), layer.path}:
-                by_path.setdefault(path, []).append(layer)
-    return {path: found[0] for path, found in by_path.items() if len(found) == 1}
-
-
-def _path_checker(model):
-    """Returns `layer -> its relative path`, checked to name that layer only.
-
-    Adapters and specs are keyed by path, so a path shared by two layers (two
-    nested models with equally named layers) must be an error, not a guess.
-    """
-    counts = collections.Counter(
-        relative_path(model, lyr.path) for lyr in targets_lib.sublayers(model)
-    )
-
-    def unique_path(layer):
-        path = relative_path(model, layer.path)
-        if not path or counts[path] != 1:
-            raise ValueError(
-                f"Layer '{layer.name}' has no unique path in model '{model.name}' "
-                f"(path={layer.path!r}); give the layers distinct names."
-            )
-        return path
-
-    return unique_path
-
-
 def set_trainable(layer, value):
     """`layer.trainable = value`, recursing into sublayers on every backend.
 
@@ -609,7 +564,7 @@ def _restore_trainable(model, state):
         variable.trainable = relative_path(model, variable.path) not in frozen_variables
 
 
-def _fresh_optimizer(model):
+def fresh_optimizer(model):
     """An unbuilt copy of the model's optimizer if its slots must be rebuilt.
 
     Adapting or merging changes the trainable variables, and a built

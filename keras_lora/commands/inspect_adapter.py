@@ -4,7 +4,7 @@ import json
 import os
 import zipfile
 
-from keras_lora.commands.inspect_file import layer_entry
+from keras_lora.commands.inspect_entry import layer_entry
 
 
 def describe(path):

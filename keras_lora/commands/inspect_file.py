@@ -9,7 +9,6 @@ Three kinds of input, each read by the library's own reader where there is one:
 """
 
 import json
-import math
 import os
 import zipfile
 
@@ -126,29 +125,6 @@ def format_text(info):
         count = f" ({count:,} params)" if count is not None else ""
         lines.append(f"  trained layer: {trained['path']}{count}")
     return "\n".join(lines)
-
-
-def layer_entry(
-    path, rank, alpha, use_rslora, dropout=None, shapes=None, use_dora=False, init=None
-):
-    """One adapted layer of `describe`'s output (alpha None means rank)."""
-    alpha = float(rank if alpha is None else alpha)
-    entry = {
-        "path": path,
-        "rank": rank,
-        "alpha": alpha,
-        "scale": alpha / math.sqrt(rank) if use_rslora else alpha / rank,
-        "use_rslora": bool(use_rslora),
-    }
-    if use_dora:
-        entry["use_dora"] = True
-    if init:
-        entry["init"] = init
-    if dropout is not None:
-        entry["dropout"] = dropout
-    if shapes is not None:
-        entry["a_shape"], entry["b_shape"] = (list(shape) for shape in shapes)
-    return entry
 
 
 def _number(value):

@@ -10,7 +10,7 @@ import json
 import os
 import zipfile
 
-from keras_lora.commands.inspect_file import layer_entry
+from keras_lora.commands.inspect_entry import layer_entry
 from keras_lora.spec import check_spec
 
 # config.json of a large KerasHub model is tens of KB; refuse absurd sizes

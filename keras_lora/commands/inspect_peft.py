@@ -2,7 +2,7 @@
 
 import os
 
-from keras_lora.commands.inspect_file import layer_entry
+from keras_lora.commands.inspect_entry import layer_entry
 from keras_lora.patterns import BoundedMatcher
 
 

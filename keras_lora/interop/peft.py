@@ -19,7 +19,14 @@ import warnings
 
 import keras
 
-from keras_lora import adapted_model, atomic, named_adapters, patterns, transform
+from keras_lora import (
+    adapted_model,
+    atomic,
+    model_paths,
+    named_adapters,
+    patterns,
+    transform,
+)
 from keras_lora.interop import (
     architectures,
     factors,
@@ -95,7 +102,7 @@ def load_peft_adapter(model, path, name=None):
     grouped, saved = peft_reading.group_tensors(tensors, config)
     prefix, named = peft_reading.match_modules(grouped, context)
     peft_reading.check_targets(config, prefix, named, context)
-    unique_path = transform._path_checker(model)
+    unique_path = model_paths.path_checker(model)
     trained = peft_reading.saved_modules_plan(saved, prefix, context)
     plan = {}  # layer path -> (layer, lora config, A, B)
     # The folder supplies both the patterns and the names: bounded matching.

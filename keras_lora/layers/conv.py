@@ -19,12 +19,12 @@ import math
 import keras
 from keras import ops
 
-from keras_lora.layers.lora_layer import (
-    LoRALayer,
+from keras_lora.layers.base_call import (
     base_call_scope,
     in_base_call,
     stored_attribute,
 )
+from keras_lora.layers.lora_layer import LoRALayer
 
 # Spatial axis letters of the merge equation, for 1, 2 and 3 spatial axes.
 _SPATIAL = {1: "w", 2: "hw", 3: "dhw"}

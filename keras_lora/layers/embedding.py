@@ -5,11 +5,8 @@ from keras import ops
 
 from keras_lora.keras_private import set_keras_mask
 from keras_lora.layers import quantized
-from keras_lora.layers.lora_layer import (
-    LoRALayer,
-    base_call_scope,
-    hidden_in_base_call,
-)
+from keras_lora.layers.base_call import base_call_scope, hidden_in_base_call
+from keras_lora.layers.lora_layer import LoRALayer
 
 # PEFT's choice for embeddings: the gathered factor starts at zero and the
 # other one is random, so ΔW = 0 at start and both factors get gradients.

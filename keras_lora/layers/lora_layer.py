@@ -13,9 +13,6 @@ changes its class in place, so every reference held by a Functional graph or a
 KerasHub block stays valid) and turn back into its base class (`merge_lora`).
 """
 
-import contextlib
-import threading
-
 import keras
 from keras import ops
 
@@ -23,6 +20,7 @@ from keras_lora import lora_init
 from keras_lora.class_view import ClassViewMixin
 from keras_lora.layers import dora, layouts, lora_math, low_rank, quantized
 from keras_lora.layers.adapter_set import AdapterSet
+from keras_lora.layers.base_call import base_call_scope, hidden_in_base_call
 
 # Instance attributes a LoRA layer adds to its base layer.
 _LORA_ATTRIBUTES = (
@@ -47,53 +45,6 @@ _LORA_ATTRIBUTES = (
     "_lora_example_ids",
     "_lora_example_names",
 )
-
-
-# The layer whose base class's `call` this thread is running (see
-# `LoRALayer.activation`). Thread-local: a forward pass changes no shared
-# state, so several threads can call one model (a serving thread, a
-# `tf.data` map, a callback) and each gets its own outputs.
-_BASE_CALL = threading.local()
-
-
-@contextlib.contextmanager
-def base_call_scope(layer):
-    """Within it, on this thread, `layer`'s base call sees no activation."""
-    previous = getattr(_BASE_CALL, "layer", None)
-    _BASE_CALL.layer = layer
-    try:
-        yield
-    finally:
-        _BASE_CALL.layer = previous
-
-
-def in_base_call(layer):
-    """True while this thread runs `layer`'s base call (`base_call_scope`)."""
-    return getattr(_BASE_CALL, "layer", None) is layer
-
-
-def hidden_in_base_call(name):
-    """A property that reads None inside `base_call_scope` (on that thread,
-    for that layer) and the instance's own value everywhere else."""
-
-    def get(self):
-        return None if in_base_call(self) else stored_attribute(self, name)
-
-    def set(self, value):
-        self.__dict__[name] = value
-
-    return property(get, set)
-
-
-def stored_attribute(layer, name):
-    """`layer.__dict__[name]`, or AttributeError (what `getattr` expects of a
-    property whose value is not set yet)."""
-    try:
-        return layer.__dict__[name]
-    except KeyError:
-        raise AttributeError(
-            f"'{type(layer).__name__}' object has no attribute '{name}'"
-        ) from None
 
 
 class LoRALayer(ClassViewMixin, AdapterSet):
