@@ -138,3 +138,18 @@ def test_export_merged_beside_serving_threads(tmp_path):
     # The live model is still the LoRA model.
     assert len(keras_lora.lora_layers(model)) == 3
     assert all(type(v).__name__ for v in model.weights)
+
+
+def test_threads_calling_a_quantized_base():
+    """int8 and int4 bases: Keras's quantized call runs inside the layer."""
+    for mode in ("int8", "int4"):
+        model = dense_model()
+        model(np.zeros((4, 6), "float32"))
+        keras_lora.enable_lora(model, rank=2)
+        model.quantize(mode)
+        randomize_factors(model)
+        inputs, expected = inputs_and_outputs(model, (4, 6))
+        wrong, calls = run_threads(model, inputs, expected, seconds=1.0)
+        assert wrong == 0, f"{mode}: {wrong} of {calls} calls wrong"
+        for layer in keras_lora.lora_layers(model):
+            assert isinstance(layer.lora_base_kernel, keras.Variable)  # not a tensor
