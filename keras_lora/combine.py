@@ -123,7 +123,7 @@ def combine_adapters(model, names, weights, new_name, combination="svd", rank=No
 
 def _combine(layer, parts, combination, rank):
     """Returns (A, B) NumPy factors in the layer's layout for the new adapter."""
-    groups = layer._lora_group_count()
+    groups = layer.lora_group_count()
     as_np = lambda v: np.asarray(keras.ops.convert_to_numpy(v), "float64")  # noqa: E731
     if combination == "cat":
         a = np.concatenate([w * p.scale * as_np(p.a) for p, w in parts], axis=-1)
@@ -164,7 +164,7 @@ def _combine(layer, parts, combination, rank):
 
 def _checked(layer, a, b):
     rank = a.shape[-1]
-    _, _, d_in, d_out = layer._lora_layout()
+    _, _, d_in, d_out = layer.lora_layout()
     if rank > min(d_in, d_out):
         raise ValueError(
             f"combination='cat' gives layer '{layer.path}' rank {rank} > "

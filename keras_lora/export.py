@@ -112,7 +112,7 @@ def _plain_view(model, layers, dtype=None, quantize=None):
     policies = []  # (layer, previous policy) to restore
     try:
         for layer in layers:
-            base_class = layer._lora_base_class_of()
+            base_class = layer.lora_base_class
             plan = _plan(layer, base_class, dtype, quantize)
             if plan is None:
                 _write_merged_kernel(layer, overrides)
@@ -173,7 +173,7 @@ def _base_config(layer, base_class):
 
 def _write_merged_kernel(layer, overrides):
     """Overrides `layer.save_own_variables` to write the merged kernel."""
-    base_save = layer._lora_base_class_of().save_own_variables
+    base_save = layer.lora_base_class.save_own_variables
     kernel = layer.lora_base_kernel
 
     def save_own_variables(store):

@@ -120,7 +120,7 @@ def _as_matrix(layer, kernel):
     """The kernel (numpy, kernel layout) as the (d_in, d_out) matrix that A
     (d_in, r) and B (r, d_out) factor."""
     letters, inputs, outputs = _matrix_axes(layer)
-    _, _, d_in, d_out = layer._lora_layout()
+    _, _, d_in, d_out = layer.lora_layout()
     return np.einsum(f"{letters}->{inputs}{outputs}", kernel).reshape(d_in, d_out)
 
 
@@ -198,7 +198,7 @@ def _numpy(variable):
 def original_kernel(layer):
     """W = W_res + s·A0·B0, the kernel before PiSSA/OLoRA (float32 rounding),
     in the kernel's dtype: what reverting without merging puts back."""
-    kernel = layer._lora_float_kernel()  # dequantized if quantized since
+    kernel = layer.lora_float_kernel()  # dequantized if quantized since
     weight = np.asarray(ops.convert_to_numpy(ops.cast(kernel, "float32")), "float64")
     original = weight + _update(
         layer, _numpy(layer.lora_a_initial), _numpy(layer.lora_b_initial)
@@ -215,7 +215,7 @@ def original_base_swaps(layer):
     ]
     if layer.use_dora:
         weight = original_kernel(layer).astype("float64")
-        axes = tuple(layer._lora_kernel_input_axes())
+        axes = tuple(layer.lora_kernel_input_axes())
         norm = np.sqrt(np.sum(np.square(weight), axis=axes)).astype("float32")
         swaps.append((layer.lora_magnitude, norm))
     return swaps
@@ -302,4 +302,4 @@ def initialize(layers, init):
         initializer = keras.initializers.RandomNormal(stddev=1.0 / layer.rank)
         layer.lora_a.assign(initializer(layer.lora_a.shape, dtype="float32"))
         # What `get_config` records, so a rebuilt layer says how it started.
-        layer._lora_set("a_initializer", initializer)
+        layer.set_lora_initializer(initializer)

@@ -2,7 +2,7 @@
 
 Multi-tenant LoRA servers (Punica, S-LoRA, LoRAX) run requests for different
 adapters through one base in one batch: example i's low-rank path uses its own
-gathered factors (`AdapterSet._lora_mixed_delta`), so the cost is one rank-r
+gathered factors (`AdapterSet` in `layers/adapter_set.py`), so the cost is one rank-r
 path per example whatever the number of adapters. The ids live in an int32
 variable of the model: a compiled `predict` or KerasHub `generate` reads them
 as state, so new ids of the same batch size need no retrace.
@@ -88,7 +88,7 @@ def adapter_ids(model, ids):
     variable = _ids_variable(model, len(ids))
     variable.assign(index)
     layers = transform.lora_layers(model)
-    saved = [(layer._lora_active, layer._lora_example_ids) for layer in layers]
+    saved = [layer.lora_example_state() for layer in layers]
     outside = getattr(model, "_keras_lora_function_key", None) or "outside"
     # Keyed by the outside configuration too: JAX's compiled functions take the
     # trainable and non-trainable variables as separate state lists, and the
@@ -96,11 +96,8 @@ def adapter_ids(model, ids):
     # under another set of the same shapes would swap variables' values).
     inside = ("ids", len(ids), tuple(names), outside)
     for layer in layers:
-        layer._lora_set(
-            "_lora_active", tuple((n, 1.0) for n in layer.lora_adapter_names)
-        )
-        layer._lora_set("_lora_example_ids", variable)
-        layer._lora_set("_lora_example_names", tuple(names))
+        active = tuple((n, 1.0) for n in layer.lora_adapter_names)
+        layer.set_lora_example_state(active, variable, names)
     named_adapters.swap_functions(model, outside, inside)
     object.__setattr__(model, adapted_model.IDS_BLOCK, True)
     for method in _GUARDED:
@@ -112,8 +109,7 @@ def adapter_ids(model, ids):
         for name in (adapted_model.IDS_BLOCK, *_GUARDED):
             model.__dict__.pop(name, None)
         for layer, (active, example_ids) in zip(layers, saved):
-            layer._lora_set("_lora_active", active)
-            layer._lora_set("_lora_example_ids", example_ids)
+            layer.set_lora_example_state(active, example_ids)
         _untrack(model, variable)
         named_adapters.swap_functions(model, inside, outside)
 

@@ -119,12 +119,12 @@ def _add_to_layer(layer, path, name, config):
         # A LoRA layer rebuilt from a saved Functional config: its primary
         # factors exist already and are this adapter's.
         check_layer_matches(layer, path, config, f"adapter {name!r}")
-        layer._lora_set("_lora_primary", name)
+        layer.set_lora_primary(name)
     elif isinstance(layer, LoRALayer):
         layer.add_lora_adapter(name, **config)
     else:
         transform.lora_class_for(layer).adapt(layer, **config)
-        layer._lora_set("_lora_primary", name)
+        layer.set_lora_primary(name)
 
 
 def _add_heads(model, name, spec, by_path):
@@ -207,7 +207,7 @@ def set_adapter(model, names, weights=None):
     if len({n for n, _ in pairs}) != len(pairs):
         raise ValueError(f"`names` repeats an adapter. Received: names={names!r}")
     dora = [lyr for lyr in transform.lora_layers(model) if lyr.use_dora]
-    if dora and pairs and pairs != [(dora[0]._lora_primary, 1.0)]:
+    if dora and pairs and pairs != [(dora[0].lora_primary, 1.0)]:
         raise ValueError(
             f"Model '{model.name}' uses DoRA (layer '{dora[0].path}'), whose "
             "update is not additive: its adapter runs at weight 1 or not at all. "
@@ -344,7 +344,7 @@ def rename_first(model, name):
             owners[path] = name
     for layer in transform.lora_layers(model):
         if vars(layer).get("_lora_primary") == "default":
-            layer._lora_set("_lora_primary", name)
+            layer.set_lora_primary(name)
 
 
 def _first_spec(model):
@@ -419,7 +419,7 @@ def _activate_now(model, pairs, structure_changed, move_heads):
         if mine:
             adapted.append(layer)
             for name, _ in mine:
-                if name == layer._lora_primary:  # A, B (and DoRA's magnitude)
+                if name == layer.lora_primary:  # A, B (and DoRA's magnitude)
                     factors += transform.trainable_lora_variables(layer)
                 else:
                     adapter = layer.lora_adapter(name)

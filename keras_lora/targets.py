@@ -108,7 +108,7 @@ def _default_targets(candidates, model, argument):
 
 def _is_conv(layer):
     return type(layer) in CONV_TYPES or (
-        is_lora(layer) and issubclass(layer._lora_base_class_of(), CONV_TYPES)
+        is_lora(layer) and issubclass(layer.lora_base_class, CONV_TYPES)
     )
 
 

@@ -283,7 +283,7 @@ def _apply_spec(model, spec, by_path, trained_layers, trainable_state):
             continue
         lora_class_for(layer).adapt(layer, **config)
     for path in spec["layers"]:
-        by_path[path]._lora_set("_lora_primary", "default")  # named_adapters.py
+        by_path[path].set_lora_primary("default")  # named_adapters.py
     freeze_all_but(model, lora_layers(model), trained_layers)
     # Quantized bases: a tied int8 logits table would give the layers below
     # it no gradient, and a policy-map model could not save (quantized.py).

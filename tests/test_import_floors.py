@@ -105,3 +105,15 @@ def test_no_module_uses_another_modules_private_name():
 
 def test_the_cycle_finder_finds_a_cycle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_model_level_code_uses_the_layers_public_protocol():
+    """No `._lora_*` member of a layer is read outside keras_lora/layers."""
+    offenders = []
+    for module, path in modules().items():
+        if module.startswith("keras_lora.layers"):
+            continue
+        for number, line in enumerate(open(path), 1):
+            if re.search(r"\._lora_[a-z]", line):
+                offenders.append(f"{module}:{number}: {line.strip()}")
+    assert offenders == []

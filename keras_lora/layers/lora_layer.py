@@ -21,6 +21,7 @@ from keras_lora.class_view import ClassViewMixin
 from keras_lora.layers import dora, layouts, lora_math, low_rank, quantized
 from keras_lora.layers.adapter_set import AdapterSet
 from keras_lora.layers.base_call import base_call_scope, hidden_in_base_call
+from keras_lora.layers.protocol import LoRAProtocol
 
 # Instance attributes a LoRA layer adds to its base layer.
 _LORA_ATTRIBUTES = (
@@ -47,7 +48,7 @@ _LORA_ATTRIBUTES = (
 )
 
 
-class LoRALayer(ClassViewMixin, AdapterSet):
+class LoRALayer(ClassViewMixin, LoRAProtocol, AdapterSet):
     """Mixin placed before the Keras base class in every LoRA layer."""
 
     # The Keras base class, and its attribute that holds the kernel variable.
