@@ -172,7 +172,10 @@ class LoRALayer(AdapterSet):
         return self._lora_forward(self._lora_base.call, inputs, training)
 
     def quantized_call(self, inputs, training=None):
-        return self._lora_forward(self._lora_base.quantized_call, inputs, training)
+        # Keras's values, with an input gradient made from the packed kernel
+        # in the backward pass (nothing kernel-sized kept: quantized.py).
+        base_call = quantized.lean_call(self._lora_base.quantized_call, self)
+        return self._lora_forward(base_call, inputs, training)
 
     def _lora_forward(self, base_call, inputs, training):
         activation = self.activation
