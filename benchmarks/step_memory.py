@@ -24,7 +24,7 @@ cross-entropy on the logits. Variants (keras-lora rank 4 on q/v):
 - `keras-int8`, `keras-int4`: Keras's own layer LoRA on the same quantized
   bases (`backbone.enable_lora(4)`: q/v, last axis factorised);
 - `lora-bf16`: a `bfloat16` base (float32 factors);
-- `*-chunked`: the same with `keras_lora.chunked_causal_lm_loss` (the logits
+- `*-chunked`: the same with `keras_lora.use_chunked_loss` (the logits
   in chunks of `--chunk` tokens, recomputed in the backward pass).
 
 Run (JAX only: the figure is XLA's):
@@ -50,7 +50,14 @@ VARIANTS = (
     "lora-bf16-chunked",
 )
 GPT2 = dict(
-    layers=6, hidden=1024, heads=16, vocab=50257, positions=1024, batch=2, seq=128, rank=4
+    layers=6,
+    hidden=1024,
+    heads=16,
+    vocab=50257,
+    positions=1024,
+    batch=2,
+    seq=128,
+    rank=4,
 )
 TINY = dict(
     layers=1, hidden=32, heads=2, vocab=101, positions=16, batch=2, seq=16, rank=2
@@ -89,7 +96,7 @@ def build(variant, s, chunk):
         weighted_metrics=[],
     )
     if variant.endswith("chunked"):
-        keras_lora.chunked_causal_lm_loss(model, chunk_size=chunk)
+        keras_lora.use_chunked_loss(model, chunk_size=chunk)
     model.optimizer.build(model.trainable_variables)
     return model
 

@@ -35,6 +35,7 @@ __all__ = [
     "save_peft_adapter",
     "set_adapter",
     "trainable_summary",
+    "use_chunked_loss",
 ]
 
 
@@ -44,6 +45,7 @@ def _import_public_names():
     import keras_lora.analysis as analysis
     from keras_lora.adapters import load_adapter, save_adapter
     from keras_lora.callbacks import MergeLoRA
+    from keras_lora.chunked_loss import use_chunked_loss
     from keras_lora.combine import combine_adapters
     from keras_lora.export import export_merged
     from keras_lora.interop import load_peft_adapter, save_peft_adapter
