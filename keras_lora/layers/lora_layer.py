@@ -19,7 +19,7 @@ import keras
 from keras import ops
 
 from keras_lora import lora_init
-from keras_lora.layers import dora, layouts, lora_math, quantized
+from keras_lora.layers import dora, layouts, lora_math, quantized, quantized_backward
 from keras_lora.layers.adapter_set import AdapterSet
 
 # Instance attributes a LoRA layer adds to its base layer.
@@ -172,10 +172,8 @@ class LoRALayer(AdapterSet):
         return self._lora_forward(self._lora_base.call, inputs, training)
 
     def quantized_call(self, inputs, training=None):
-        # Keras's values, with an input gradient made from the packed kernel
-        # in the backward pass (nothing kernel-sized kept: quantized.py).
-        base_call = quantized.lean_call(self._lora_base.quantized_call, self)
-        return self._lora_forward(base_call, inputs, training)
+        lean = quantized_backward.lean_call(self._lora_base.quantized_call, self)
+        return self._lora_forward(lean, inputs, training)
 
     def _lora_forward(self, base_call, inputs, training):
         activation = self.activation
