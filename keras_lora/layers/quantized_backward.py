@@ -261,6 +261,8 @@ def _lean_instance_call(layer, plain):
     def quantized_call(inputs, training=None):
         if type(layer) is not plain:  # adapted since (a LoRA layer): its own
             return type(layer).quantized_call(layer, inputs, training=training)
+        if layer.lora_enabled:  # Keras's own LoRA trains inside Keras's call
+            return plain.quantized_call(layer, inputs, training=training)
         return lean(layer, inputs, training=training)
 
     return quantized_call
