@@ -9,8 +9,21 @@ from helpers import randomize_factors, tiny_gpt2_causal_lm, to_numpy, token_batc
 
 
 def _model(mode, chunk_size=None, seed=0):
+    import keras_hub
+
     keras.utils.set_random_seed(seed)
-    model = tiny_gpt2_causal_lm(num_layers=1)
+    # No dropout: torch draws it from one global generator, so two models
+    # would not drop the same units.
+    backbone = keras_hub.models.GPT2Backbone(
+        vocabulary_size=64,
+        num_layers=1,
+        num_heads=2,
+        hidden_dim=32,
+        intermediate_dim=64,
+        max_sequence_length=32,
+        dropout=0.0,
+    )
+    model = keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
     if mode:
         model.quantize(mode)
     keras_lora.enable_lora(model, rank=2)
