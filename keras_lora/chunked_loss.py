@@ -148,10 +148,16 @@ def chunked_loss(model, x, y, hidden, sample_weight=None):
     else:
         tokens = batch * length
         parts = [slice(s, min(s + size, tokens)) for s in range(0, tokens, size)]
-    if embedding.quantization_mode and len(parts) > 1:
+    if (
+        embedding.quantization_mode
+        and len(parts) > 1
+        and keras.backend.backend() == "jax"
+    ):
         # A scan, not a Python loop: XLA could run a loop's chunks side by
         # side, each with its part of the unpacked table. (A float table is
         # better in the loop: in a scan XLA hoists its transpose, a copy.)
+        # JAX only: Keras's TensorFlow `scan` rejects this step's shapes, and
+        # torch runs the loop in order.
         values = _scan_chunks(recomputed, flat_h, flat_y, tokens, size)
     else:
         values = [recomputed(flat_h[part], flat_y[part]) for part in parts]
