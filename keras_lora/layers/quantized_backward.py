@@ -39,10 +39,12 @@ def after(tensor, upstream):
     layer's float kernel alive until its use. Adding a zero taken from
     `upstream` (the layer's input, or its upstream gradient) ties it to the
     layer's own forward or backward pass. XLA folds an integer `x * 0`, so
-    the zero is a float one (not folded: it is NaN for an infinite x), cast.
+    the zero is a float one (XLA does not fold it: NaN for an infinite x),
+    cast; a non-finite first value counts as 0, so the zero is always 0.
     """
-    first = ops.reshape(upstream, (-1,))[:1]
-    zero = ops.multiply(ops.cast(ops.stop_gradient(first), "float32"), 0.0)
+    first = ops.cast(ops.stop_gradient(ops.reshape(upstream, (-1,))[:1]), "float32")
+    first = ops.where(ops.isfinite(first), first, 0.0)
+    zero = ops.multiply(first, 0.0)
     return ops.add(tensor, ops.cast(zero, tensor.dtype))
 
 
