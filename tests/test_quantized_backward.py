@@ -20,7 +20,7 @@ def _model(mode):
     model.quantize(mode)
     keras_lora.enable_lora(model, rank=2, targets=["adapted"])
     randomize_factors(model)
-    model.compile(optimizer=keras.optimizers.SGD(1.0), loss="mse", run_eagerly=True)
+    model.compile(optimizer=keras.optimizers.SGD(1.0), loss="mse")
     return model
 
 
