@@ -196,7 +196,7 @@ def table(results):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=GPT2["layers"])
-    parser.add_argument("--chunk", type=int, default=64, help="tokens per chunk")
+    parser.add_argument("--chunk", type=int, default=32, help="positions per chunk")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--tiny", action="store_true", help="smoke-test shape")
     parser.add_argument("--out", help="write the results as JSON here")

@@ -5,8 +5,8 @@ softmax and gradient) can outweigh the rest of the step: Llama 3's 128,256
 logits per token are 0.5 MB each in float32. `use_chunked_loss` changes how
 `model.fit` computes a KerasHub `CausalLM`'s loss, in place: in training the
 model returns its backbone's hidden states, and the loss runs the logits
-layer (`backbone.token_embedding(h, reverse=True)`) on `chunk_size` tokens at
-a time, each chunk under `keras.remat`, so its logits are recomputed in the
+layer (`backbone.token_embedding(h, reverse=True)`) on `chunk_size` positions
+at a time, each chunk under `keras.remat`, so its logits are recomputed in the
 backward pass instead of kept (cf. torchtune's chunked cross-entropy). The
 loss and the gradients are those of the plain path; `predict`, `generate`,
 `evaluate` and calls outside `fit` are unchanged.
@@ -26,7 +26,7 @@ from keras import ops
 HIDDEN = "keras_lora_hidden_states"
 
 
-def use_chunked_loss(model, chunk_size=256):
+def use_chunked_loss(model, chunk_size=128):
     """Makes `model.fit` compute the causal-LM loss in chunks of tokens.
 
     Args:
@@ -35,8 +35,8 @@ def use_chunked_loss(model, chunk_size=256):
             compiled or not; compile it with a
             `SparseCategoricalCrossentropy(from_logits=True)` loss (KerasHub's
             default) before `fit`.
-        chunk_size: positive int, tokens (over batch and sequence) whose
-            logits exist at once.
+        chunk_size: positive int, the sequence positions per chunk: the
+            logits of batch x `chunk_size` tokens exist at once.
 
     Returns:
         `model`, changed in place.
@@ -131,10 +131,7 @@ def chunked_loss(model, x, y, hidden, sample_weight=None):
     loss = _check_loss(model)
     embedding = model.backbone.token_embedding
     size = model.__dict__["keras_lora_chunk_size"]
-    batch, length = hidden.shape[0], hidden.shape[1]
-    flat_h = ops.reshape(hidden, (-1, hidden.shape[-1]))
-    flat_y = ops.reshape(y, (-1,))
-    flat_w = None if sample_weight is None else ops.reshape(sample_weight, (-1,))
+    length = hidden.shape[1]
 
     def chunk_loss(h, labels):
         logits = ops.cast(embedding(h, reverse=True), "float32")
@@ -143,11 +140,12 @@ def chunked_loss(model, x, y, hidden, sample_weight=None):
         )
 
     recomputed = keras.remat(chunk_loss)  # its logits: recomputed in backward
-    if batch is None or length is None:  # a TensorFlow retrace: one chunk
+    # Chunks of positions, so that an unknown batch size (a TensorFlow
+    # trace) still chunks.
+    if length is None:  # an unknown sequence length: one chunk
         parts = [slice(None)]
     else:
-        tokens = batch * length
-        parts = [slice(s, min(s + size, tokens)) for s in range(0, tokens, size)]
+        parts = [slice(s, min(s + size, length)) for s in range(0, length, size)]
     if (
         embedding.quantization_mode
         and len(parts) > 1
@@ -158,15 +156,15 @@ def chunked_loss(model, x, y, hidden, sample_weight=None):
         # better in the loop: in a scan XLA hoists its transpose, a copy.)
         # JAX only: Keras's TensorFlow `scan` rejects this step's shapes, and
         # torch runs the loop in order.
-        values = _scan_chunks(recomputed, flat_h, flat_y, tokens, size)
+        per_token = _scan_chunks(recomputed, hidden, y, length, size)
     else:
-        values = [recomputed(flat_h[part], flat_y[part]) for part in parts]
-        values = ops.concatenate(values, axis=0) if len(parts) > 1 else values[0]
+        values = [recomputed(hidden[:, part], y[:, part]) for part in parts]
+        per_token = ops.concatenate(values, axis=1) if len(parts) > 1 else values[0]
+    by_position = sample_weight is not None and len(sample_weight.shape) == 2
     for part in parts:
-        weights = None if flat_w is None else flat_w[part]
-        _update_metrics(model, embedding, flat_h[part], flat_y[part], weights)
-    per_token = ops.reshape(values, ops.shape(y))
-    total = _PerToken(reduction=loss.reduction, dtype=loss.dtype)(
+        weights = sample_weight[:, part] if by_position else sample_weight
+        _update_metrics(model, embedding, hidden[:, part], y[:, part], weights)
+    total = _PerToken(name="chunked_loss", reduction=loss.reduction, dtype=loss.dtype)(
         y, per_token, sample_weight
     )
     for extra in model.losses:  # e.g. regularizers, as `compute_loss` adds
@@ -174,26 +172,27 @@ def chunked_loss(model, x, y, hidden, sample_weight=None):
     return total
 
 
-def _scan_chunks(chunk_loss, h, labels, tokens, size):
-    """`chunk_loss` over `size`-token chunks, one after another (a scan).
+def _scan_chunks(chunk_loss, hidden, labels, length, size):
+    """`chunk_loss` over chunks of `size` positions, one after another.
 
     The last chunk is padded, its extra values dropped (no gradient).
     """
-    count = -(-tokens // size)
-    pad = count * size - tokens
+    count = -(-length // size)
+    pad = count * size - length
     if pad:
-        h = ops.pad(h, ((0, pad), (0, 0)))
-        labels = ops.pad(labels, ((0, pad),))
-    chunks = (
-        ops.reshape(h, (count, size, h.shape[-1])),
-        ops.reshape(labels, (count, size)),
+        hidden = ops.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+        labels = ops.pad(labels, ((0, 0), (0, pad)))
+    chunks = (  # (chunk, batch, position, ...)
+        ops.moveaxis(ops.reshape(hidden, (-1, count, size, hidden.shape[-1])), 1, 0),
+        ops.moveaxis(ops.reshape(labels, (-1, count, size)), 1, 0),
     )
 
     def step(carry, chunk):
         return carry, chunk_loss(*chunk)
 
     _, values = ops.scan(step, ops.zeros(()), chunks)
-    return ops.reshape(values, (-1,))[:tokens]
+    values = ops.reshape(ops.moveaxis(values, 0, 1), (-1, count * size))
+    return values[:, :length]
 
 
 def _update_metrics(model, embedding, h, labels, sample_weight):
