@@ -39,6 +39,7 @@ _PUBLIC = {
     "save_peft_adapter": "keras_lora.interop",
     "set_adapter": "keras_lora.named_adapters",
     "trainable_summary": "keras_lora.report",
+    "use_chunked_loss": "keras_lora.chunked_loss",
 }
 __all__ = sorted(_PUBLIC)
 
@@ -46,6 +47,7 @@ if _typing.TYPE_CHECKING:  # what static tools and IDEs read
     from keras_lora import analysis
     from keras_lora.adapters import load_adapter, save_adapter
     from keras_lora.callbacks import MergeLoRA
+    from keras_lora.chunked_loss import use_chunked_loss
     from keras_lora.combine import combine_adapters
     from keras_lora.export import export_merged
     from keras_lora.interop import load_peft_adapter, save_peft_adapter

@@ -16,7 +16,7 @@ import numpy as np
 
 from keras_lora import adapted_model, atomic, distributed_torch, lora_init, patterns
 from keras_lora import targets as targets_lib
-from keras_lora.layers import dora, lora_math, quantized
+from keras_lora.layers import dora, lora_math, quantized_backward
 from keras_lora.layers.conv import LoRAConv1D, LoRAConv2D, LoRAConv3D
 from keras_lora.layers.dense import LoRADense
 from keras_lora.layers.einsum_dense import LoRAEinsumDense
@@ -286,8 +286,9 @@ def _apply_spec(model, spec, by_path, trained_layers, trainable_state):
         by_path[path].set_lora_primary("default")  # named_adapters.py
     freeze_all_but(model, lora_layers(model), trained_layers)
     # Quantized bases: a tied int8 logits table would give the layers below
-    # it no gradient, and a policy-map model could not save (quantized.py).
-    quantized.prepare_model(model)
+    # it no gradient, and a policy-map model could not save
+    # (quantized_backward.py).
+    quantized_backward.prepare_model(model)
     if not adapted_model.is_adapted(model):
         model.__class__ = adapted_model.adapted_class(type(model))
     object.__setattr__(model, "_keras_lora_spec", spec)

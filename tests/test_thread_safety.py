@@ -153,3 +153,19 @@ def test_threads_calling_a_quantized_base():
         assert wrong == 0, f"{mode}: {wrong} of {calls} calls wrong"
         for layer in keras_lora.lora_layers(model):
             assert isinstance(layer.lora_base_kernel, keras.Variable)  # not a tensor
+
+
+def test_a_quantized_base_keeps_its_activation_and_bias():
+    """Keras's quantized call hides them from a lean backward (issue 25's);
+    the LoRA layer must get them back after every call."""
+    model = dense_model()
+    model(np.zeros((4, 6), "float32"))
+    keras_lora.enable_lora(model, rank=2)
+    model.quantize("int8")
+    x = np.random.default_rng(3).normal(size=(4, 6)).astype("float32")
+    model(x)
+    model(x)
+    activations = {layer.name: layer.activation for layer in model.layers[1:]}
+    assert activations["a"] is keras.activations.relu
+    assert activations["b"] is keras.activations.tanh
+    assert all(layer.bias is not None for layer in model.layers[1:])

@@ -4,7 +4,7 @@ import keras
 from keras import ops
 
 from keras_lora.keras_private import set_keras_mask
-from keras_lora.layers import quantized
+from keras_lora.layers import quantized, quantized_backward
 from keras_lora.layers.base_call import base_call_scope, hidden_in_base_call
 from keras_lora.layers.lora_layer import LoRALayer
 
@@ -161,7 +161,7 @@ if hasattr(keras.layers, "ReversibleEmbedding"):
             if reverse:
                 base = self._int_reverse
                 if self.tie_weights:
-                    base = quantized.reverse_input_gradient(self, base)
+                    base = quantized_backward.reverse_input_gradient(self, base)
                 return self._reverse(base, inputs)
             return self._forward_with_mask(super().quantized_call, inputs, training)
 

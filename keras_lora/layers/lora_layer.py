@@ -18,7 +18,14 @@ from keras import ops
 
 from keras_lora import lora_init
 from keras_lora.class_view import ClassViewMixin
-from keras_lora.layers import dora, layouts, lora_math, low_rank, quantized
+from keras_lora.layers import (
+    dora,
+    layouts,
+    lora_math,
+    low_rank,
+    quantized,
+    quantized_backward,
+)
 from keras_lora.layers.adapter_set import AdapterSet
 from keras_lora.layers.base_call import base_call_scope, hidden_in_base_call
 from keras_lora.layers.protocol import LoRAProtocol
@@ -172,7 +179,8 @@ class LoRALayer(ClassViewMixin, LoRAProtocol, AdapterSet):
         return self._lora_forward(self._lora_base.call, inputs, training)
 
     def quantized_call(self, inputs, training=None):
-        return self._lora_forward(self._lora_base.quantized_call, inputs, training)
+        lean = quantized_backward.lean_call(self._lora_base.quantized_call, self)
+        return self._lora_forward(lean, inputs, training)
 
     def _lora_forward(self, base_call, inputs, training):
         outputs = self._lora_base_outputs(base_call, inputs, training)

@@ -75,7 +75,7 @@ def dequantized_kernel(layer):
         return ops.cast(kernel, "float32")
     check_mode(mode, layer.name)
     if isinstance(layer, keras.layers.Embedding):
-        return _dequantized_embeddings(layer, mode)
+        return _dequantized_embeddings(layer, mode, kernel)
     grouped = _block_size(layer) is not None
     if isinstance(layer, keras.layers.EinsumDense):
         if mode == "int8":
@@ -98,8 +98,7 @@ def dequantized_kernel(layer):
     return ops.reshape(ops.cast(values, "float32"), kernel_shape(layer))
 
 
-def _dequantized_embeddings(layer, mode):
-    values = layer._embeddings
+def _dequantized_embeddings(layer, mode, values):
     if mode == "int4":
         values = quantizers.unpack_int4(values, layer._orig_output_dim, axis=-1)
     values = ops.cast(values, "float32")
@@ -219,53 +218,6 @@ def assign_from(layer, source):
             own[variable.name].assign(variable)
 
 
-def reverse_input_gradient(layer, base_call, soft_cap=None):
-    """Wraps a tied quantized reverse (logits) call with an input gradient.
-
-    Keras's int8/int4 `ReversibleEmbedding` quantizes its input on the logits
-    path (`inputs_quantizer`), and an integer matmul has no gradient: every
-    layer before the logits gets none, so LoRA below it cannot learn (Keras's
-    own LoRA stays at its first loss). This keeps Keras's forward values and
-    gives the input the gradient through the dequantized table, as Keras's
-    quantized `Dense` does (a straight-through estimate of the activation
-    quantizer). The float table exists only inside the backward pass.
-
-    Args:
-        layer: a `ReversibleEmbedding` with `tie_weights=True`.
-        base_call: `x -> logits`, Keras's quantized reverse call.
-        soft_cap: the `logit_soft_cap` that `base_call` applies, if any.
-    """
-
-    def call(inputs):
-        @ops.custom_gradient
-        def logits_with_input_gradient(x):
-            logits = base_call(x)
-
-            def grad_fn(*args, upstream=None):
-                if upstream is None:
-                    (upstream,) = args
-                if soft_cap is not None:
-                    # d(cap·tanh(z/cap))/dz = 1 - tanh(z/cap)².
-                    capped = ops.divide(logits, soft_cap)
-                    upstream = ops.multiply(
-                        upstream, ops.subtract(1.0, ops.square(capped))
-                    )
-                table = ops.cast(dequantized_kernel(layer), upstream.dtype)
-                return (ops.matmul(upstream, table),)
-
-            return logits, grad_fn
-
-        return logits_with_input_gradient(inputs)
-
-    return call
-
-
-def prepare_model(model):
-    """What `enable_lora` (and a reload) does for quantized bases: see below."""
-    give_tied_logits_a_gradient(model)
-    save_with_own_policy(model)
-
-
 def save_with_own_policy(model):
     """Lets each layer of a policy-map model save its quantized variables.
 
@@ -295,35 +247,3 @@ def _own_policy_save(layer):
             layer.__dict__["_dtype_policy"] = owner
 
     return save_own_variables
-
-
-def give_tied_logits_a_gradient(model):
-    """Installs `reverse_input_gradient` on each plain tied `ReversibleEmbedding`.
-
-    Called by `enable_lora` (and on reload). The instance's `quantized_call`
-    is only used once the layer is quantized, so this also covers
-    `model.quantize` after `enable_lora`. Float layers are unaffected, and a
-    quantized layer's outputs are unchanged: only its input gets a gradient.
-    """
-    reversible = getattr(keras.layers, "ReversibleEmbedding", None)
-    if reversible is None:
-        return
-    for layer in model._flatten_layers(include_self=False):
-        if (
-            type(layer) is reversible
-            and layer.tie_weights
-            and "quantized_call" not in layer.__dict__
-        ):
-            layer.__dict__["quantized_call"] = _tied_quantized_call(layer)
-
-
-def _tied_quantized_call(layer):
-    keras_call = layer.quantized_call
-
-    def quantized_call(inputs, reverse=False, **kwargs):
-        if not reverse:
-            return keras_call(inputs, **kwargs)
-        base = lambda x: keras_call(x, reverse=True)  # noqa: E731
-        return reverse_input_gradient(layer, base, layer.logit_soft_cap)(inputs)
-
-    return quantized_call
