@@ -22,6 +22,11 @@ from benchmarks import gpu_check  # noqa: E402
 def test_dry_run_writes_the_summary_and_one_log_archive(tmp_path):
     out = tmp_path / "out"
     backend = keras.backend.backend()
+    if backend == "tensorflow":
+        pytest.skip(
+            "The GPU check runs jax and torch: TensorFlow's CUDA build does not "
+            "fit in what travels to the GPU machine (docs/gpu.md)."
+        )
     result = subprocess.run(
         ["bash", os.path.join(ROOT, "benchmarks", "gpu_check.sh"), str(out), "--cpu"],
         capture_output=True,

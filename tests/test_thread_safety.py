@@ -15,7 +15,7 @@ import numpy as np
 import keras_lora
 from helpers import randomize_factors, to_numpy
 
-SECONDS = 1.5  # per model: long enough for many interleavings on 2 cores
+SECONDS = 0.75  # per model: dozens of interleaved calls on 2 cores
 
 
 def dense_model():
@@ -124,7 +124,7 @@ def test_export_merged_beside_serving_threads(tmp_path):
     writer = threading.Thread(target=export_loop)
     writer.start()
     try:
-        wrong, calls = run_threads(model, inputs, expected, threads=2, seconds=2.0)
+        wrong, calls = run_threads(model, inputs, expected, threads=2, seconds=1.2)
     finally:
         stop.set()
         writer.join()
