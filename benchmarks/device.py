@@ -35,10 +35,6 @@ def describe():
     return f"tensorflow {tf.__version__} {'gpu' if gpus else 'cpu'}"
 
 
-def on_gpu():
-    return " cuda" in describe() or " gpu" in describe()
-
-
 def reset_peak_memory():
     """Starts a new peak (PyTorch; JAX keeps one peak per process)."""
     if _backend() == "torch":
@@ -62,6 +58,17 @@ def peak_memory_bytes():
         if torch.cuda.is_available():
             return int(torch.cuda.max_memory_allocated())
     return None
+
+
+def print_and_write(results, path=None):
+    """Prints `results` as JSON and, with a `path`, writes them there too."""
+    import json
+
+    print(json.dumps(results, indent=1))
+    if path:
+        with open(path, "w") as f:
+            json.dump(results, f, indent=1)
+    return results
 
 
 def no_grad(function):

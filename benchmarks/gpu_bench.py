@@ -9,7 +9,7 @@ medians measured side by side in interleaved rounds of this one run:
   `jit_compile=True`, i.e. `torch.compile`, beside the eager default);
 - memory: the device allocator's peak during two training steps of each
   variant, each in a child process of its own (JAX keeps one peak per
-  process), minus what was allocated before the first step;
+  process): the whole model's, weights included, as the issue's figures are;
 - forward: `predict_on_batch` at batch 1 and 8 (sequence 128) of the base, a
   freshly built base, the unmerged LoRA model and the merged one
   (`latency.forward`), and a tiny layer's per-call overhead.
@@ -98,11 +98,10 @@ def memory_child(name, tiny):
     model = _variant(name, config, jit_compile="auto")
     x, y = models.make_batch(config)
     device.reset_peak_memory()
-    before = device.peak_memory_bytes()
     for _ in range(2):
         model.train_on_batch(x, y)
     peak = device.peak_memory_bytes()
-    print(MARKER + json.dumps({"variant": name, "before": before, "peak": peak}))
+    print(MARKER + json.dumps({"variant": name, "peak": peak}))
 
 
 def memory(tiny, timeout=600):
@@ -151,11 +150,7 @@ def main(argv=None):
         "forward": latency.forward(forward_config, rounds, 1 if args.tiny else 5),
         "call_overhead": latency.call_overhead(rounds, 20 if args.tiny else 200),
     }
-    print(json.dumps(results, indent=1))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
-    return results
+    return device.print_and_write(results, args.json)
 
 
 if __name__ == "__main__":

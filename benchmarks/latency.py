@@ -17,7 +17,6 @@ of medians from the same run:
 """
 
 import argparse
-import json
 import os
 import sys
 
@@ -153,11 +152,7 @@ def main(argv=None):
         "call_overhead": call_overhead(args.rounds, 30 if args.tiny else 300),
         "forward": forward(config, args.rounds, 1 if args.tiny else 3),
     }
-    print(json.dumps(results, indent=1))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
-    return results
+    return device.print_and_write(results, args.json)
 
 
 if __name__ == "__main__":
