@@ -22,7 +22,8 @@ import keras
 from keras_lora import adapted_model, transform
 from keras_lora.class_view import class_view
 from keras_lora.io_utils import atomic_write, check_keras_path
-from keras_lora.layers import quantized
+from keras_lora.layers import expert_bank, quantized
+from keras_lora.layers.expert_einsum import LoRAExpertEinsum
 
 _QUANTIZE_CHOICES = (None, "same", *quantized.SUPPORTED_MODES)
 
@@ -111,7 +112,15 @@ def _plain_view(model, layers, dtype=None, quantize=None):
     views = []  # (LoRA layer, the base class this thread sees it as)
     policies = []  # (layer, previous policy) to restore
     try:
+        for bank in _adapted_banks(model):
+            # Its LoRA layers are not visited by the saver: the bank writes
+            # each adapted weight merged, as its original class lays it out.
+            overrides.append((bank, "save_own_variables", _MISSING))
+            bank.__dict__["save_own_variables"] = _merged_bank_writer(bank)
+            views.append((bank, expert_bank.original_class(bank)))
         for layer in layers:
+            if isinstance(layer, LoRAExpertEinsum):
+                continue
             base_class = layer.lora_base_class
             plan = _plan(layer, base_class, dtype, quantize)
             if plan is None:
@@ -153,6 +162,19 @@ def _plain_view(model, layers, dtype=None, quantize=None):
 
 
 _MISSING = object()
+
+
+def _adapted_banks(model):
+    """The layers (expert banks) with LoRA on their raw weights."""
+    return [
+        layer
+        for layer in model._flatten_layers(include_self=False)
+        if expert_bank.expert_layers(layer)
+    ]
+
+
+def _merged_bank_writer(bank):
+    return lambda store: expert_bank.save_merged(bank, store)
 
 
 def _unbuilt_copy(optimizer):

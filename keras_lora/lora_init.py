@@ -79,6 +79,13 @@ def check_residual_targets(model, spec):
     """
     by_path = model_paths.layers_by_path(model)
     for path, config in spec["layers"].items():
+        if config.get("init") and path not in by_path:
+            raise ValueError(
+                f"PiSSA/OLoRA cannot start the factors of the raw weight "
+                f"'{path}' (a mixture-of-experts bank's): they write a residual "
+                "into a Dense or EinsumDense kernel only. Received: "
+                f"init={config['init']!r}"
+            )
         if config.get("init"):
             _check_float_kernel(by_path[path], config["init"])
 

@@ -36,14 +36,19 @@ def layers_by_path(model):
     return {path: found[0] for path, found in by_path.items() if len(found) == 1}
 
 
-def path_checker(model):
+def path_checker(model, others=()):
     """Returns `layer -> its relative path`, checked to name that layer only.
 
     Adapters and specs are keyed by path, so a path shared by two layers (two
     nested models with equally named layers) must be an error, not a guess.
+
+    Args:
+        model: the model.
+        others: more objects with a `path` and a `name` that specs name like
+            layers (raw weights).
     """
     counts = collections.Counter(
-        relative_path(model, lyr.path) for lyr in sublayers(model)
+        relative_path(model, lyr.path) for lyr in [*sublayers(model), *others]
     )
 
     def unique_path(layer):

@@ -24,7 +24,7 @@ import numbers
 import keras
 import numpy as np
 
-from keras_lora import adapted_model, atomic, model_paths, transform
+from keras_lora import adapted_model, atomic, model_paths, raw_weights, transform
 from keras_lora.layers.adapter_set import check_adapter_name
 from keras_lora.layers.lora_layer import LoRALayer
 from keras_lora.spec import check_layer_matches
@@ -101,7 +101,7 @@ def add_adapter(
 
 def add_spec(model, name, spec):
     """Adds adapter `name` as `spec` records it (inactive); all or nothing."""
-    by_path = model_paths.layers_by_path(model)
+    by_path = raw_weights.targets_by_path(model)
     missing = [p for p in [*spec["layers"], *spec["train_layers"]] if p not in by_path]
     if missing:
         raise ValueError(
@@ -122,8 +122,8 @@ def _add_to_layer(layer, path, name, config):
         layer.set_lora_primary(name)
     elif isinstance(layer, LoRALayer):
         layer.add_lora_adapter(name, **config)
-    else:
-        transform.lora_class_for(layer).adapt(layer, **config)
+    else:  # a raw weight's LoRA layer is a new object
+        layer = transform.lora_class_for(layer).adapt(layer, **config)
         layer.set_lora_primary(name)
 
 

@@ -17,11 +17,14 @@ A target spec is one of:
 
 import re
 import sys
+import warnings
 
 import keras
 
+from keras_lora.layers import expert_bank
 from keras_lora.layers.lora_layer import LoRALayer
 from keras_lora.model_paths import sublayers
+from keras_lora.raw_weights import RawWeight, raw_weights
 
 # The last path component of query / value projections across KerasHub (and
 # Hugging Face names, for user models): `query`/`value` (Keras MHA, GPT-2, BERT,
@@ -62,7 +65,7 @@ def adaptable_types():
 
 
 def is_adaptable(layer):
-    return type(layer) in adaptable_types()
+    return isinstance(layer, RawWeight) or type(layer) in adaptable_types()
 
 
 def is_lora(layer):
@@ -134,16 +137,18 @@ def match_layers(model, spec, argument):
     layers = sublayers(model)
     # LoRA layers stay candidates so that adapting them twice is an error.
     candidates = [lyr for lyr in layers if is_adaptable(lyr) or is_lora(lyr)]
+    weights = raw_weights(model)
     if spec is None or (isinstance(spec, str) and spec in NAMED_SETS):
         inside = _backbone_layers(model)
         if inside is not None:
             candidates = [lyr for lyr in candidates if id(lyr) in inside]
+            weights = [w for w in weights if id(w.layer) in inside]
         if spec is None:
             selected = _default_targets(candidates, model, argument)
         elif spec == "all-conv":
             selected = [lyr for lyr in candidates if _is_conv(lyr)]
         else:
-            selected = [lyr for lyr in candidates if isinstance(lyr, LINEAR_TYPES)]
+            selected = _all_linear(model, candidates, weights, argument)
         if not selected:
             names = [describe(lyr) for lyr in layers][:20]
             kind = NAMED_SETS.get(spec, NAMED_SETS["all-linear"])
@@ -152,7 +157,7 @@ def match_layers(model, spec, argument):
                 f"model '{model.name}'. Layers: {names}"
             )
         return selected
-    if callable(spec):
+    if callable(spec):  # layers only: a user's test may read layer attributes
         selected = [layer for layer in layers if spec(layer)]
         unmatched = [] if selected else [getattr(spec, "__name__", repr(spec))]
     elif (
@@ -168,6 +173,7 @@ def match_layers(model, spec, argument):
                     f"`{argument}` entry {entry!r} is not a valid regular "
                     f"expression ({error}). Received: {argument}={spec!r}"
                 ) from None
+        layers = [*layers, *weights]  # raw weights are named like layers
         selected = [lyr for lyr in layers if any(_entry_matches(e, lyr) for e in spec)]
         unmatched = [
             e for e in spec if not any(_entry_matches(e, lyr) for lyr in layers)
@@ -186,6 +192,64 @@ def match_layers(model, spec, argument):
             f"path). Some candidate paths: {sample}"
         )
     return selected
+
+
+def _all_linear(model, candidates, weights, argument):
+    """`"all-linear"`: Dense/EinsumDense layers and known expert weights.
+
+    A mixture-of-experts router (and a shared expert's gate) stays out: an
+    update there changes which experts each token reaches, so the adapted
+    experts would no longer see the tokens they were trained on. Name it to
+    adapt it. Raw weights keras-lora does not know are listed in a warning
+    rather than skipped silently.
+    """
+    routers = {id(layer) for layer in moe_routers(model)}
+    selected = [
+        lyr
+        for lyr in candidates
+        if isinstance(lyr, LINEAR_TYPES) and id(lyr) not in routers
+    ]
+    selected += [w for w in weights if w.known]
+    unknown = [w.path for w in weights if not w.known and _maybe_linear(w)]
+    if unknown:
+        warnings.warn(
+            f"`{argument}='all-linear'` leaves {len(unknown)} raw weight(s) of "
+            f"model '{model.name}' unadapted: {unknown[:10]}. keras-lora does not "
+            "know how their layers use them; name them in `targets` (path or "
+            "regex) to adapt them with the generic path (W + s·A·B).",
+            stacklevel=4,
+        )
+    return selected
+
+
+def _maybe_linear(weight):
+    """False for lookup tables (position embeddings): not linear maps."""
+    return "Embedding" not in type(weight.layer).__name__
+
+
+def moe_routers(model):
+    """The router (and shared-expert gate) Dense layers of each MoE block.
+
+    A block is a layer with a known expert bank among its children; its
+    routers are the Dense layers below it (outside the bank) with one unit
+    per expert, or one unit (a shared expert's sigmoid gate).
+    """
+    routers = []
+    for block in [model, *sublayers(model)]:
+        children = block._flatten_layers(include_self=False, recursive=False)
+        banks = [c for c in children if expert_bank.has_recipe(c)]
+        if not banks:
+            continue
+        units = {getattr(bank, "num_experts", None) for bank in banks} | {1}
+        inside_banks = {id(x) for b in banks for x in sublayers(b)}
+        routers += [
+            lyr
+            for lyr in sublayers(block)
+            if id(lyr) not in inside_banks
+            and isinstance(lyr, keras.layers.Dense)
+            and (lyr.units in units)
+        ]
+    return routers
 
 
 def check_adaptable(layers):

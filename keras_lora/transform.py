@@ -21,8 +21,10 @@ from keras_lora.layers.conv import LoRAConv1D, LoRAConv2D, LoRAConv3D
 from keras_lora.layers.dense import LoRADense
 from keras_lora.layers.einsum_dense import LoRAEinsumDense
 from keras_lora.layers.embedding import LoRAEmbedding
+from keras_lora.layers.expert_einsum import LoRAExpertEinsum
 from keras_lora.layers.lora_layer import LoRALayer
 from keras_lora.model_paths import layers_by_path, path_checker, relative_path
+from keras_lora.raw_weights import RawWeight, raw_weights, targets_by_path
 from keras_lora.spec import SPEC_VERSION, check_layer_matches
 
 __all__ = ["SPEC_VERSION", "enable_lora", "merge_lora", "disable_lora"]
@@ -47,6 +49,8 @@ _MODEL_ATTRIBUTES = (
 
 def lora_class_for(layer):
     """The LoRA class that adapts `layer` (an exact adaptable type)."""
+    if isinstance(layer, RawWeight):
+        return LoRAExpertEinsum
     if type(layer) is keras.layers.Dense:
         return LoRADense
     if type(layer) is keras.layers.EinsumDense:
@@ -195,6 +199,8 @@ def build_spec(
         if train_layers is not None
         else []
     )
+    # A raw weight's layer trains all of it: `train_layers` names layers.
+    trained = [lyr for lyr in trained if not isinstance(lyr, RawWeight)]
     overlap = [lyr for lyr in trained if any(lyr is s for s in selected)]
     if overlap:
         raise ValueError(
@@ -202,7 +208,7 @@ def build_spec(
             "`train_layers`: an adapted layer's base weights stay frozen."
         )
     patterns.check_patterns(rank_pattern, alpha_pattern)
-    unique_path = path_checker(model)
+    unique_path = path_checker(model, raw_weights(model))
     paths = [unique_path(lyr) for lyr in selected]
     patterns.check_all_used(rank_pattern, "rank_pattern", paths)
     patterns.check_all_used(alpha_pattern, "alpha_pattern", paths)
@@ -245,7 +251,7 @@ def apply_spec(model, spec, trainable_state=None, keep_base_values=True):
             are now, for `disable_lora` (False when they are not the base's
             values yet: a model being reloaded).
     """
-    by_path = layers_by_path(model)
+    by_path = targets_by_path(model)
     missing = [p for p in [*spec["layers"], *spec["train_layers"]] if p not in by_path]
     if missing:
         raise ValueError(
@@ -276,14 +282,16 @@ def apply_spec(model, spec, trainable_state=None, keep_base_values=True):
 
 def _apply_spec(model, spec, by_path, trained_layers, trainable_state):
     set_trainable(model, True)  # layer flags; variables are frozen one by one below
+    adapted = []
     for path, config in spec["layers"].items():
         layer = by_path[path]
         if isinstance(layer, LoRALayer):
             check_layer_matches(layer, path, config)
-            continue
-        lora_class_for(layer).adapt(layer, **config)
-    for path in spec["layers"]:
-        by_path[path].set_lora_primary("default")  # named_adapters.py
+        else:  # a raw weight's LoRA layer is a new object
+            layer = lora_class_for(layer).adapt(layer, **config)
+        adapted.append(layer)
+    for layer in adapted:
+        layer.set_lora_primary("default")  # named_adapters.py
     freeze_all_but(model, lora_layers(model), trained_layers)
     # Quantized bases: a tied int8 logits table would give the layers below
     # it no gradient, and a policy-map model could not save

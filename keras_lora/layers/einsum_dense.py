@@ -23,11 +23,15 @@ _SPEC = r"([a-zA-Z]*(?:\.\.\.)?[a-zA-Z]*)"
 _EQUATION = re.compile(_SPEC + r",([a-zA-Z]+)->" + _SPEC)
 
 
-def split_einsum_equation(equation):
+def split_einsum_equation(equation, expert_axes=""):
     """Splits an EinsumDense equation into the equations of the LoRA path.
 
     Args:
         equation: an equation `EinsumDense` accepts, e.g. `"abc,cde->abde"`.
+        expert_axes: kernel letters that are group axes even where the input
+            lacks them: a mixture-of-experts bank `"th,ehm->etm"` runs every
+            token through every expert `e`, and each expert gets its own
+            factors (A `ehr`, B `erm`), as group axes do.
 
     Returns:
         A dict with `group_axes`, `input_axes`, `output_axes` (kernel axis
@@ -48,11 +52,20 @@ def split_einsum_equation(equation):
     inputs, kernel, output = match.groups()
     letters = lambda spec: spec.replace("...", "")  # noqa: E731
     in_letters, out_letters = set(letters(inputs)), set(letters(output))
-    group = [c for c in kernel if c in in_letters and c in out_letters]
+    experts = [c for c in kernel if c in expert_axes and c in out_letters]
+    group = [
+        c for c in kernel if (c in in_letters and c in out_letters) or c in experts
+    ]
     contracted = [c for c in kernel if c in in_letters and c not in out_letters]
-    produced = [c for c in kernel if c in out_letters and c not in in_letters]
+    produced = [c for c in kernel if c in out_letters and c not in group]
     orphan = [c for c in kernel if c not in in_letters and c not in out_letters]
-    if not contracted or not produced or orphan or len(set(kernel)) != len(kernel):
+    if (
+        not contracted
+        or not produced
+        or orphan
+        or len(set(kernel)) != len(kernel)
+        or len(experts) != len(expert_axes)
+    ):
         raise ValueError(
             "LoRA needs an `equation` whose kernel has at least one axis "
             "contracted with the input, at least one axis that only the output "
@@ -63,7 +76,9 @@ def split_einsum_equation(equation):
     a_spec = "".join(group + contracted) + rank_axis
     b_spec = "".join(group) + rank_axis + "".join(produced)
     # The low-rank intermediate keeps every input axis the output keeps.
-    hidden = "".join(
+    # (and the expert axes the input lacks, in front).
+    hidden = "".join(c for c in experts if c not in in_letters)
+    hidden += "".join(
         token
         for token in re.findall(r"\.\.\.|[a-zA-Z]", inputs)
         if token == "..." or token in out_letters
@@ -149,7 +164,11 @@ class LoRAEinsumDense(LoRALayer, keras.layers.EinsumDense):
         self._build_lora()
 
     def _lora_layout(self):
-        equations = split_einsum_equation(self.equation)
+        return self._layout_of(self.equation)
+
+    def _layout_of(self, equation, expert_axes=""):
+        """`_lora_layout` for `equation` (see `split_einsum_equation`)."""
+        equations = split_einsum_equation(equation, expert_axes)
         # Read on every call: decided once here.
         self._lora_equations = {**equations, "is_matmul": _is_matmul(equations)}
         kernel_axes = self._lora_equations["kernel"]

@@ -342,6 +342,14 @@ class LoRALayer(ClassViewMixin, LoRAProtocol, AdapterSet):
     # had (Keras's built-in LoRA reloads them as zeros).
     def save_own_variables(self, store):
         super().save_own_variables(store)
+        self.save_lora_variables(store)
+
+    def load_own_variables(self, store):
+        super().load_own_variables(store)
+        self.load_lora_variables(store)
+
+    def save_lora_variables(self, store):
+        """Writes the factors (and DoRA/PiSSA state, named adapters) to `store`."""
         store["lora_a"] = self.lora_a
         store["lora_b"] = self.lora_b
         for key, variable in self.lora_state_variables().items():
@@ -350,8 +358,8 @@ class LoRALayer(ClassViewMixin, LoRAProtocol, AdapterSet):
             store[f"lora_a_{name}"] = adapter.a
             store[f"lora_b_{name}"] = adapter.b
 
-    def load_own_variables(self, store):
-        super().load_own_variables(store)
+    def load_lora_variables(self, store):
+        """Reads what `save_lora_variables` wrote."""
         self.lora_a.assign(store["lora_a"])
         self.lora_b.assign(store["lora_b"])
         for key, variable in self.lora_state_variables().items():
