@@ -13,6 +13,7 @@ import contextlib
 import numpy as np
 
 from keras_lora import adapted_model, named_adapters, transform
+from keras_lora.layers.expert_einsum import LoRAExpertEinsum
 
 _VARIABLE = "_keras_lora_ids_variable"
 
@@ -71,6 +72,18 @@ def adapter_ids(model, ids):
         raise ValueError(
             f"Adapters {heads} train heads (`train_layers`), which cannot differ "
             "per example: run their examples as separate batches."
+        )
+    experts = [
+        lyr for lyr in transform.lora_layers(model) if isinstance(lyr, LoRAExpertEinsum)
+    ]
+    if experts:
+        # A bank sees the tokens of all examples flattened into one axis (and
+        # per expert): an example's id no longer names its rows there.
+        raise ValueError(
+            f"Model '{model.name}' has LoRA on mixture-of-experts weights "
+            f"('{experts[0].path}'): per-example adapters are not supported "
+            "there. Run each adapter's examples as a separate batch "
+            "(`set_adapter`)."
         )
     special = [
         lyr for lyr in transform.lora_layers(model) if lyr.use_dora or lyr.lora_init
