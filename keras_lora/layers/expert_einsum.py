@@ -100,6 +100,7 @@ class LoRAExpertEinsum(LoRAEinsumDense):
         object.__setattr__(layer, "factored", factored)
         object.__setattr__(layer, "lora_bank", weight.layer)
         object.__setattr__(layer, "lora_attribute", weight.attribute)
+        layer.__dict__.pop("quantize", None)  # Keras binds its own per instance
         with contextlib.ExitStack() as scopes:  # its path: <bank path>/<name>
             for part in weight.path.split("/")[:-1]:
                 scopes.enter_context(keras.name_scope(part))
@@ -121,6 +122,15 @@ class LoRAExpertEinsum(LoRAEinsumDense):
             self._kernel.assign(self.merged_kernel())
         expert_bank.detach(self.lora_bank, self)
         return self
+
+    def quantize(self, mode=None, type_check=True, config=None):
+        # `model.quantize` warns with this message and goes on, as it does
+        # for the bank itself (a plain Layer) without LoRA.
+        raise NotImplementedError(
+            f"The expert weight '{self.path}' is not quantized: Keras quantizes "
+            "Dense, EinsumDense and Embedding layers, not a mixture-of-experts "
+            f"bank's raw weights. Received: mode={mode!r}"
+        )
 
     # The kernel is the bank's: only the factors are this layer's to save.
     def save_own_variables(self, store):
