@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 import keras_lora
+from keras_lora.layers import expert_recipes
 from keras_lora.layers.expert_einsum import LoRAExpertEinsum
+from keras_lora.layers.expert_recipes import Recipe
 from tests.helpers import randomize_factors, to_numpy, token_batch
 
 EXPERTS, HIDDEN, INTERMEDIATE, RANK = 4, 16, 8, 2
@@ -175,3 +177,39 @@ def test_generic_path_and_refusals():
     hidden = to_numpy(model.get_layer("proj")(x))
     expected = np.einsum("bh,ehm->bem", hidden, w + layer.lora_scale * update).sum(1)
     np.testing.assert_allclose(to_numpy(model(x)), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_recipe_that_does_not_match_its_bank_falls_back(monkeypatch):
+    # A KerasHub release may change a bank's `call`: keras-lora checks its
+    # copy first and uses the generic path (still exact) when they differ.
+    def wrong_call(bank, x, project):
+        return 2.0 * keras.ops.sum(project("w", x), axis=1)
+
+    key = expert_recipes.class_key(RawExperts)
+    monkeypatch.setitem(
+        expert_recipes.RECIPES, key, Recipe({"w": "bh,ehm->bem"}, wrong_call)
+    )
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, RawExperts(name="bank")(inputs))
+    x = np.ones((2, 4), "float32")
+    base = to_numpy(model(x))
+    with pytest.warns(UserWarning, match="generic LoRA path"):
+        keras_lora.enable_lora(model, rank=2, targets="all-linear")
+    (layer,) = keras_lora.lora_layers(model)
+    assert not layer.factored
+    np.testing.assert_array_equal(to_numpy(model(x)), base)
+
+
+def test_quantize_names_the_expert_weights_it_leaves_float():
+    backbone = tiny_moe("mixtral")
+    keras_lora.enable_lora(backbone, rank=RANK, targets="all-linear")
+    with pytest.warns(
+        UserWarning, match="expert_feedforward_gate_dense' is not quantized"
+    ):
+        backbone.quantize("int8")
+    modes = {
+        type(lyr).__name__: lyr.quantization_mode
+        for lyr in keras_lora.lora_layers(backbone)
+    }
+    assert modes == {"LoRAExpertEinsum": None, "LoRAEinsumDense": "int8"}
+    assert to_numpy(backbone(token_batch(batch=1, seq=4))).shape == (1, 4, HIDDEN)
