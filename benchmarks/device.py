@@ -83,3 +83,22 @@ def no_grad(function):
             return function(*args, **kwargs)
 
     return wrapped
+
+
+def add_torch_threads_argument(parser, default_help="default: torch's"):
+    """`--torch-threads N`: `torch.set_num_threads` (1 on a shared CPU, where
+    PyTorch's intra-op threads otherwise fight other processes for cores)."""
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        default=None,
+        help=f"torch.set_num_threads (PyTorch only; {default_help})",
+    )
+
+
+def set_torch_threads(count):
+    """Applies `--torch-threads` (nothing on other backends, or for None)."""
+    if count and _backend() == "torch":
+        import torch
+
+        torch.set_num_threads(count)

@@ -131,19 +131,11 @@ def main(argv=None):
     parser.add_argument("--tiny", action="store_true", help="smoke-test sizes")
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--json", default=None, help="write the results here")
-    parser.add_argument(
-        "--torch-threads",
-        type=int,
-        default=None,
-        help="torch.set_num_threads (PyTorch only; 1 on a shared CPU)",
-    )
+    device.add_torch_threads_argument(parser, "1 on a shared CPU")
     args = parser.parse_args(argv)
     import keras
 
-    if args.torch_threads and keras.backend.backend() == "torch":
-        import torch
-
-        torch.set_num_threads(args.torch_threads)
+    device.set_torch_threads(args.torch_threads)
 
     config = models.TINY if args.tiny else models.DEFAULT
     results = {

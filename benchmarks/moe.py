@@ -16,7 +16,7 @@ weights built from a config:
   loss after each epoch, and the trainable parameters per expert.
 
     KERAS_BACKEND=jax python -m benchmarks.moe
-    KERAS_BACKEND=torch python -m benchmarks.moe --sections paths
+    KERAS_BACKEND=torch python -m benchmarks.moe --sections paths --torch-threads 1
 """
 
 import argparse
@@ -24,6 +24,8 @@ import json
 import os
 
 import numpy as np
+
+from benchmarks import device
 
 PATHS_SHAPE = dict(
     vocabulary_size=512,
@@ -164,8 +166,11 @@ def main(argv=None):
         "--batches", type=int, default=8, help="at most (the text has 4 of 4x64)"
     )
     parser.add_argument("--out", default=None, help="write the results as JSON")
+    device.add_torch_threads_argument(parser, "1 on a shared CPU")
     args = parser.parse_args(argv)
     import keras
+
+    device.set_torch_threads(args.torch_threads)
 
     report = {"backend": keras.backend.backend()}
     sections = args.sections.split(",")

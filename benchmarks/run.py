@@ -22,6 +22,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from benchmarks import device  # noqa: E402
+
 SECTIONS = ("train", "inference", "memory", "files", "large")
 
 
@@ -59,12 +61,7 @@ def parse_args(argv):
         help=f"comma-separated subset of {','.join(SECTIONS)}",
     )
     parser.add_argument("--json", default=None, help="where to write the results")
-    parser.add_argument(
-        "--torch-threads",
-        type=int,
-        default=None,
-        help="torch.set_num_threads (PyTorch only; default: torch's)",
-    )
+    device.add_torch_threads_argument(parser)
     parser.add_argument(
         "--no-jit",
         action="store_true",
@@ -106,13 +103,7 @@ def machine():
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    if args.torch_threads:
-        import keras
-
-        if keras.backend.backend() == "torch":
-            import torch
-
-            torch.set_num_threads(args.torch_threads)
+    device.set_torch_threads(args.torch_threads)
     from benchmarks import models
 
     if args.memory_child:
