@@ -26,7 +26,7 @@ _PUBLIC = {
     "analysis": None,  # the subpackage keras_lora.analysis
     "combine_adapters": "keras_lora.combine",
     "delete_adapter": "keras_lora.named_adapters",
-    "disable_lora": "keras_lora.transform",
+    "disable_lora": "keras_lora.disable",
     "enable_lora": "keras_lora.transform",
     "export_merged": "keras_lora.export",
     "list_adapters": "keras_lora.named_adapters",
@@ -49,6 +49,7 @@ if _typing.TYPE_CHECKING:  # what static tools and IDEs read
     from keras_lora.callbacks import MergeLoRA
     from keras_lora.chunked_loss import use_chunked_loss
     from keras_lora.combine import combine_adapters
+    from keras_lora.disable import disable_lora
     from keras_lora.export import export_merged
     from keras_lora.interop import load_peft_adapter, save_peft_adapter
     from keras_lora.layers import (
@@ -69,7 +70,7 @@ if _typing.TYPE_CHECKING:  # what static tools and IDEs read
         set_adapter,
     )
     from keras_lora.report import print_trainable_parameters, trainable_summary
-    from keras_lora.transform import disable_lora, enable_lora, lora_layers, merge_lora
+    from keras_lora.transform import enable_lora, lora_layers, merge_lora
 
 
 def __getattr__(name):

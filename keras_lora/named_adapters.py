@@ -24,7 +24,14 @@ import numbers
 import keras
 import numpy as np
 
-from keras_lora import adapted_model, atomic, model_paths, raw_weights, transform
+from keras_lora import (
+    adapted_model,
+    atomic,
+    model_paths,
+    raw_weights,
+    trainable_state,
+    transform,
+)
 from keras_lora.layers.adapter_set import check_adapter_name
 from keras_lora.layers.lora_layer import LoRALayer
 from keras_lora.spec import check_layer_matches
@@ -393,7 +400,7 @@ def _activate_now(model, pairs, structure_changed, move_heads):
             "swapped: keep the active adapter, or load the adapters with "
             "`load_adapter(..., name=...)` onto a fresh base."
         )
-    optimizer = transform.fresh_optimizer(model)
+    optimizer = trainable_state.fresh_optimizer(model)
     before = [id(v) for v in model.trainable_variables]
     # Heads: park the outgoing owner's values, bring in the incoming ones.
     for path in sorted(all_heads):
@@ -424,13 +431,14 @@ def _activate_now(model, pairs, structure_changed, move_heads):
                 else:
                     adapter = layer.lora_adapter(name)
                     factors += [adapter.a, adapter.b]
-    transform.set_trainable(model, True)
+    trainable_state.set_trainable(model, True)
     transform.freeze_all_but(
         model, adapted, [by_path[p] for p in owners], factors=factors
     )
     _swap_functions(model, active, structure_changed)
     after = [id(v) for v in model.trainable_variables]
-    transform.accept_trainable_change(model, optimizer if after != before else None)
+    changed = after != before
+    trainable_state.accept_trainable_change(model, optimizer if changed else None)
 
 
 def _swap_functions(model, active, structure_changed):
@@ -445,7 +453,7 @@ def swap_functions(model, old_key, new_key):
     """Parks the compiled inference functions under `old_key` (None: drop
     them) and brings back those of `new_key` (or none: they get traced)."""
     cache = model._keras_lora_functions
-    names = [n for n in transform.INFERENCE_FUNCTIONS if hasattr(model, n)]
+    names = [n for n in trainable_state.INFERENCE_FUNCTIONS if hasattr(model, n)]
     if old_key is not None:
         cache[old_key] = {n: getattr(model, n) for n in names}
     kept = cache.get(new_key, {})

@@ -1,37 +1,37 @@
-"""`enable_lora`, `merge_lora` and `disable_lora`: LoRA on a whole model, in place.
+"""`enable_lora` and `merge_lora`: LoRA on a whole model, in place.
 
 `enable_lora` turns each target layer into its LoRA subclass in place (same
 object, new class, two new variables), so every reference to it stays valid:
 Functional graph nodes, KerasHub attention blocks, user attributes. It freezes
 everything else at the variable level and records what it did as a JSON spec
 on the model (see `adapted_model.py`), which `model.save`, `save_adapter` and
-`merge_lora` read.
+`merge_lora` read. (`disable_lora` is in `disable.py`, the trainable flags
+and compiled state in `trainable_state.py`.)
 """
 
-import contextlib
-import warnings
-
 import keras
-import numpy as np
 
-from keras_lora import adapted_model, atomic, distributed_torch, lora_init, patterns
+from keras_lora import adapted_model, atomic, lora_init, patterns
 from keras_lora import targets as targets_lib
-from keras_lora.layers import dora, lora_math, quantized_backward
+from keras_lora.layers import lora_math, quantized_backward
 from keras_lora.layers.conv import LoRAConv1D, LoRAConv2D, LoRAConv3D
 from keras_lora.layers.dense import LoRADense
 from keras_lora.layers.einsum_dense import LoRAEinsumDense
 from keras_lora.layers.embedding import LoRAEmbedding
 from keras_lora.layers.expert_einsum import LoRAExpertEinsum
 from keras_lora.layers.lora_layer import LoRALayer
-from keras_lora.model_paths import layers_by_path, path_checker, relative_path
+from keras_lora.model_paths import layers_by_path, path_checker
 from keras_lora.raw_weights import RawWeight, raw_weights, targets_by_path
 from keras_lora.spec import SPEC_VERSION, check_layer_matches
+from keras_lora.trainable_state import (
+    fresh_optimizer,
+    reset_compiled_functions,
+    restore_trainable_flags,
+    set_trainable,
+    trainable_flags,
+)
 
-__all__ = ["SPEC_VERSION", "enable_lora", "merge_lora", "disable_lora"]
-
-# Compiled functions that depend on which adapters are active but not on the
-# trainable set (KerasHub's CausalLM compiles `generate_function`).
-INFERENCE_FUNCTIONS = ("predict_function", "test_function", "generate_function")
+__all__ = ["SPEC_VERSION", "enable_lora", "merge_lora"]
 
 # What `apply_spec` records on the model object, and `revert` removes.
 _MODEL_ATTRIBUTES = (
@@ -262,7 +262,7 @@ def apply_spec(model, spec, trainable_state=None, keep_base_values=True):
     # Everything that can fail without touching the model runs first.
     optimizer = fresh_optimizer(model)
     if trainable_state is None:
-        trainable_state = _trainable_state(model)
+        trainable_state = trainable_flags(model)
     trained_layers = [by_path[p] for p in spec["train_layers"]]
     base_values = (
         {
@@ -276,7 +276,7 @@ def apply_spec(model, spec, trainable_state=None, keep_base_values=True):
     with atomic.all_or_nothing(model):
         _apply_spec(model, spec, by_path, trained_layers, trainable_state)
         object.__setattr__(model, "_keras_lora_base_values", base_values)
-        _reset_compiled_functions(model, optimizer)
+        reset_compiled_functions(model, optimizer)
     return model
 
 
@@ -412,84 +412,12 @@ def revert(model, merge, optimizer=None):
         model.__class__ = adapted_model.original_class(model)
         for name in _MODEL_ATTRIBUTES:
             model.__dict__.pop(name, None)
-        _restore_trainable(model, state)
+        restore_trainable_flags(model, state)
     else:
         for variable in model.weights:
             variable.trainable = True
-    _reset_compiled_functions(model, optimizer)
+    reset_compiled_functions(model, optimizer)
     return model
-
-
-@contextlib.contextmanager
-def disable_lora(model):
-    """Context manager under which the model computes its base outputs exactly.
-
-    Every B factor is set to zero on entry, and the weights of `train_layers`
-    (a task head, say) are set to the values they had when LoRA was applied;
-    all are restored bit for bit on exit (B is small: rank × d_out). PiSSA/
-    OLoRA layers, whose kernel holds W - s·A0·B0, run with their starting
-    factors A0, B0 instead (the original W, up to float32 rounding). Using
-    the variables, rather than a Python flag, keeps this right inside already
-    compiled `predict`/`fit` functions.
-
-    A model reloaded with `keras.saving.load_model` no longer knows its
-    trained layers' base values: there they keep their trained values, with a
-    warning naming them.
-
-    Example:
-
-    >>> with keras_lora.disable_lora(model):
-    ...     base_logits = model.predict(x)
-    """
-    check_model(model)
-    layers = lora_layers(model)
-    if not layers:
-        raise ValueError(f"Model '{model.name}' has no LoRA layer to disable.")
-    swaps = [
-        (adapter.b, np.zeros(adapter.b.shape, "float32"))
-        for layer in layers
-        if layer.lora_init is None
-        for adapter in map(layer.lora_adapter, layer.lora_adapter_names)
-    ]
-    # DoRA: with B = 0 the layer computes m·W/‖W‖, which is W when m = ‖W‖.
-    swaps += [
-        (layer.lora_magnitude, dora.base_norm(layer))
-        for layer in layers
-        if layer.use_dora and layer.lora_init is None
-    ]
-    # PiSSA/OLoRA: the kernel holds W_res; the starting factors give W back.
-    swaps += [
-        pair
-        for layer in layers
-        if layer.lora_init is not None
-        for pair in lora_init.original_base_swaps(layer)
-    ]
-    heads = getattr(model, "_keras_lora_heads", {"owner": {}})["owner"]
-    owned = [path for path, owner in heads.items() if owner is not None]
-    if owned:
-        base_values = model._keras_lora_base_values
-        if base_values is None:
-            warnings.warn(
-                f"disable_lora: model '{model.name}' was reloaded, so the base "
-                f"values of its trained layers {owned} are not "
-                "known; they keep their trained values inside the context.",
-                stacklevel=3,
-            )
-        else:
-            by_path = layers_by_path(model)
-            swaps += [
-                (variable, base_values[variable.path])
-                for path in owned
-                for variable in head_weights(by_path[path])
-            ]
-    saved = [keras.ops.convert_to_numpy(variable) for variable, _ in swaps]
-    for variable, value in swaps:
-        variable.assign(value)
-    try:
-        yield model
-    finally:
-        for (variable, _), value in zip(swaps, saved):
-            variable.assign(value)
 
 
 def head_weights(layer):
@@ -525,110 +453,3 @@ def check_model(model):
             f"Model '{model.name}' must be built before LoRA can adapt it: call "
             "it on data or call `model.build(input_shape)` first."
         )
-
-
-def set_trainable(layer, value):
-    """`layer.trainable = value`, recursing into sublayers on every backend.
-
-    Keras's setter recurses by assigning `sublayer.trainable = value`, which
-    TensorFlow's `__setattr__` skips when the sublayer already has that value
-    (a trainable sublayer's frozen variables would stay frozen), and which
-    costs a tracking pass per assignment (`set_adapter` on a 24-block model
-    spent 60 ms there). So this does what the setter does, once per layer:
-    the flag, and the variables the layer created trainable.
-    """
-    for sublayer in layer._flatten_layers(include_self=True):
-        object.__setattr__(sublayer, "_trainable", bool(value))
-        for variable in sublayer._trainable_variables:
-            variable.trainable = value
-
-
-def _trainable_state(model):
-    """The model's own trainable flags, as JSON, for `_restore_trainable`."""
-    return {
-        "model": model.trainable,
-        "frozen_layers": [
-            relative_path(model, lyr.path)
-            for lyr in targets_lib.sublayers(model)
-            if not lyr.trainable and lyr.path
-        ],
-        "frozen_variables": [
-            relative_path(model, v.path) for v in model.weights if not v.trainable
-        ],
-    }
-
-
-def _restore_trainable(model, state):
-    """Gives the model back the flags `_trainable_state` recorded."""
-    frozen_layers = set(state["frozen_layers"])
-    frozen_variables = set(state["frozen_variables"])
-    set_trainable(model, state["model"])
-    # Parents come before their children here, and the `trainable` setter
-    # recurses, so each child's own flag is set after its parent's.
-    for layer in targets_lib.sublayers(model):
-        if layer.path:  # an InputLayer has none: its parent's flag it keeps
-            frozen = relative_path(model, layer.path) in frozen_layers
-            set_trainable(layer, not frozen)
-    for variable in model.weights:
-        variable.trainable = relative_path(model, variable.path) not in frozen_variables
-
-
-def fresh_optimizer(model):
-    """An unbuilt copy of the model's optimizer if its slots must be rebuilt.
-
-    Adapting or merging changes the trainable variables, and a built
-    optimizer's slots belong to the old ones. The copy is made from the
-    optimizer's own config (never by re-deserializing the compile arguments,
-    which fails for a user's plain-function loss); a learning-rate schedule
-    is passed as the live object, so unregistered schedules work. Runs
-    before the model is changed: a failure leaves the model as it was.
-    """
-    optimizer = getattr(model, "optimizer", None)
-    if optimizer is None or not getattr(optimizer, "built", False):
-        return None
-    config = optimizer.get_config()
-    if isinstance(config.get("learning_rate"), dict):
-        # A schedule or a callable: the live object, not its serialization.
-        config["learning_rate"] = optimizer._learning_rate
-    try:
-        return type(optimizer).from_config(config)
-    except Exception as error:
-        raise ValueError(
-            f"The optimizer of model '{model.name}' "
-            f"({type(optimizer).__name__}) cannot be copied for the new set of "
-            f"trainable variables ({error}). Change LoRA before `compile`, or "
-            "give the optimizer a `get_config`/`from_config` round trip."
-        ) from None
-
-
-def _reset_compiled_functions(model, optimizer=None):
-    """Drops traced train/test/predict functions: the variables changed.
-
-    A built optimizer is replaced by `optimizer`, its unbuilt copy (see
-    `_fresh_optimizer`); the user's loss and metric objects stay as they are.
-    """
-    for name in ("train_function", *INFERENCE_FUNCTIONS):
-        if getattr(model, name, None) is not None:
-            setattr(model, name, None)
-    accept_trainable_change(model, optimizer)
-
-
-def accept_trainable_change(model, optimizer):
-    """After the trainable set changed: a fresh optimizer, no stale train step.
-
-    Args:
-        optimizer: the unbuilt copy from `_fresh_optimizer` (None: keep).
-    """
-    if getattr(model, "train_function", None) is not None:
-        model.train_function = None
-    distributed_torch.track_torch_parameters(model)  # model.parameters() for DDP
-    if optimizer is not None:
-        model.optimizer = optimizer
-    if getattr(model, "compiled", False) and hasattr(
-        model, "_compiled_trainable_state"
-    ):
-        # The optimizer was rebuilt for the new flags: Keras's "trainable
-        # state has changed since compile" warning would be a false alarm.
-        model._compiled_trainable_state = {
-            layer: layer.trainable for layer in model._flatten_layers()
-        }
