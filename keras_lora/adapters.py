@@ -27,7 +27,14 @@ import h5py
 import keras
 import numpy as np
 
-from keras_lora import atomic, lora_init, model_paths, named_adapters, transform
+from keras_lora import (
+    adapter_entries,
+    atomic,
+    lora_init,
+    model_paths,
+    named_adapters,
+    transform,
+)
 from keras_lora.io_utils import atomic_write, check_keras_path
 from keras_lora.layers.adapter_set import check_adapter_name
 from keras_lora.safe_files import MAX_JSON_BYTES, read_flat_dataset, read_member
@@ -64,7 +71,7 @@ def save_adapter(model, filepath, name=None):
     """
     filepath = check_keras_path(filepath)
     name, spec = named_adapters.adapter_spec(model, name)
-    entries = named_adapters.adapter_variables(model, name)
+    entries = adapter_entries.adapter_variables(model, name)
     # PiSSA/OLoRA layers: written as rank-2r LoRA for the original base.
     spec, entries = lora_init.for_original_base(model, spec, entries)
     packed, index = _pack(
@@ -305,7 +312,7 @@ def load_adapter(model, filepath, name=None):
         target, current = named_adapters.adapter_spec(model)
         _check_same_adaptation(model, current, spec, filepath)
         written += [
-            v for v, _ in named_adapters.adapter_variables(model, target).values()
+            v for v, _ in adapter_entries.adapter_variables(model, target).values()
         ]
     with atomic.all_or_nothing(model, written):  # an interrupt too
         if not known:
@@ -315,10 +322,10 @@ def load_adapter(model, filepath, name=None):
         elif name is not None:
             named_adapters.add_spec(model, name, spec)
             target = name
-        entries = named_adapters.adapter_variables(model, target)
+        entries = adapter_entries.adapter_variables(model, target)
         _check_entries(model, filepath, config["weights"], entries)
         arrays = read_adapter_weights(filepath, config["weights"])
-        named_adapters.assign_adapter_values(model, target, entries, arrays)
+        adapter_entries.assign_adapter_values(model, target, entries, arrays)
     return model
 
 
