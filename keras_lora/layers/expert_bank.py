@@ -19,8 +19,6 @@ export writes the bank exactly as its original class would.
 the last one gone the bank is its original class again.
 """
 
-import contextlib
-import threading
 import warnings
 
 import numpy as np
@@ -28,11 +26,10 @@ from keras import ops
 
 from keras_lora.class_view import ClassViewMixin
 from keras_lora.layers import expert_recipes
-from keras_lora.layers.base_call import stored_attribute
+from keras_lora.layers.base_call import base_call_scope, in_base_call, stored_attribute
 
 _CLASSES = {}  # (bank class, weight attributes) -> its adapted subclass
 _RECIPE_CHECKS = {}  # bank class -> does its recipe match its `call`?
-_GENERIC_CALL = threading.local()
 
 
 class ExpertLayers:
@@ -54,7 +51,7 @@ class LoRAExpertBank(ClassViewMixin):
     _lora_bank_base = None
 
     def call(self, *args, **kwargs):
-        with _generic_scope(self):
+        with base_call_scope(self):  # its weights read W + s·A·B (generic)
             recipe = _checked_recipe(self._lora_bank_base)
             if recipe is None:
                 return self._lora_bank_base.call(self, *args, **kwargs)
@@ -215,22 +212,12 @@ def _adapted_class(base, attributes):
     return _CLASSES[key]
 
 
-@contextlib.contextmanager
-def _generic_scope(bank):
-    previous = getattr(_GENERIC_CALL, "bank", None)
-    _GENERIC_CALL.bank = bank
-    try:
-        yield
-    finally:
-        _GENERIC_CALL.bank = previous
-
-
 def _weight_property(attribute):
     """The bank's raw weight: W + s·A·B inside its generic call, else W."""
 
     def get(self):
         value = stored_attribute(self, attribute)
-        if getattr(_GENERIC_CALL, "bank", None) is self:
+        if in_base_call(self):
             layer = self._lora_experts.by_attribute.get(attribute)
             if layer is not None and not layer.factored:
                 return ops.cast(layer.merged_kernel(), self.compute_dtype)
