@@ -102,7 +102,28 @@ def build(variant, s, chunk):
 
 
 def step_footprint(model, s):
-    """XLA's memory analysis of the jitted, donated training step."""
+    """XLA's memory analysis of the jitted, donated training step at `s`."""
+    import jax
+    import numpy as np
+
+    tokens = jax.ShapeDtypeStruct((s["batch"], s["seq"]), np.int32)
+    x = {"token_ids": tokens, "padding_mask": tokens}
+    weights = jax.ShapeDtypeStruct((s["batch"], s["seq"]), np.float32)
+    return compiled_footprint(model, x, tokens, weights)
+
+
+def compiled_footprint(model, x, y, sample_weight):
+    """XLA's memory analysis of `model`'s jitted, donated training step.
+
+    Args:
+        model: a compiled Keras model whose optimizer is built.
+        x, y, sample_weight: the data's shapes, as `jax.ShapeDtypeStruct`s
+            (structures of them for `x`).
+
+    Returns:
+        A dict of MB figures (`footprint_mb`, `temp_mb`, ...) and the count
+        of trainable parameters.
+    """
     import jax
     import numpy as np
 
@@ -141,9 +162,7 @@ def step_footprint(model, s):
         abstract(model.optimizer.variables),
         abstract(model.metrics_variables),
     )
-    tokens = jax.ShapeDtypeStruct((s["batch"], s["seq"]), np.int32)
-    x = {"token_ids": tokens, "padding_mask": tokens}
-    data = (x, tokens, jax.ShapeDtypeStruct((s["batch"], s["seq"]), np.float32))
+    data = (x, y, sample_weight)
     compiled = jax.jit(train_step, donate_argnums=0).lower(state, data).compile()
     m = compiled.memory_analysis()
     mb = 1e6

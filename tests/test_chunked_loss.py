@@ -67,9 +67,12 @@ def test_same_loss_and_gradients_as_the_plain_loss(mode):
         chunked_gradient = (value - chunked_after[path]) / 0.1
         assert np.abs(gradient).max() > 0, path
         np.testing.assert_allclose(chunked_gradient, gradient, atol=1e-4, err_msg=path)
-    # Outside `fit`, the model is what it was.
-    np.testing.assert_allclose(to_numpy(chunked(x)), to_numpy(plain(x)), atol=1e-5)
-    if mode:  # the tied int8/int4 logits pass a gradient: LoRA below learns
+    if not mode:
+        # Outside `fit`, the model is what it was (`use_chunked_loss` changes
+        # the model's `call` alike on every base: checked once, on the float
+        # one; an eager call of a quantized GPT-2 costs seconds on JAX).
+        np.testing.assert_allclose(to_numpy(chunked(x)), to_numpy(plain(x)), atol=1e-5)
+    else:  # the tied int8/int4 logits pass a gradient: LoRA below learns
         chunked.compile(optimizer=keras.optimizers.Adam(0.02))
         history = chunked.fit(x, y, sample_weight=weights, epochs=6, verbose=0)
         losses = history.history["loss"]

@@ -16,7 +16,7 @@ import string
 import keras
 from keras import ops
 
-from keras_lora.layers import low_rank, quantized
+from keras_lora.layers import frozen_backward, low_rank, quantized
 from keras_lora.layers.lora_layer import LoRALayer
 
 _SPEC = r"([a-zA-Z]*(?:\.\.\.)?[a-zA-Z]*)"
@@ -163,6 +163,11 @@ class LoRAEinsumDense(LoRALayer, keras.layers.EinsumDense):
         super().build(input_shape)
         self._build_lora()
 
+    def call(self, inputs, training=None):
+        # The frozen kernel's input gradient is made in the backward pass
+        # (JAX, TensorFlow: `frozen_backward.py`); PyTorch: Keras's call.
+        return self._lora_forward(_LEAN_CALL, inputs, training)
+
     def _lora_layout(self):
         return self._layout_of(self.equation)
 
@@ -239,6 +244,9 @@ class LoRAEinsumDense(LoRALayer, keras.layers.EinsumDense):
             return low_rank.matmul_update(lora_inputs, a, b, scale)
         low = ops.einsum(equations["down"], lora_inputs, a)
         return ops.einsum(equations["up"], self._scaled(low, adapter), b)
+
+
+_LEAN_CALL = frozen_backward.lean_call(keras.layers.EinsumDense.call)
 
 
 def _is_matmul(eq):

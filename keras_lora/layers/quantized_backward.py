@@ -9,7 +9,8 @@ Here a frozen quantized layer keeps Keras's forward values, and its input
 gradient is made from the packed kernel and scales inside the layer's own
 backward pass (`lean_call`, `tied_to`); the tied `ReversibleEmbedding` logits
 get theirs the same way, the table dequantized a part at a time
-(`reverse_input_gradient`). `prepare_model` installs both on a model.
+(`reverse_input_gradient`). `prepare_model` installs both on a model, and the
+lean backward of frozen float einsums (`frozen_backward.py`).
 """
 
 import contextlib
@@ -18,6 +19,12 @@ import threading
 import keras
 from keras import ops
 
+from keras_lora.layers.frozen_backward import (
+    SCHEDULED,
+    after,
+    input_gradient_equation,
+    lean_frozen_einsums,
+)
 from keras_lora.layers.quantized import (
     dequantized_kernel,
     kernel_variable,
@@ -30,33 +37,14 @@ from keras_lora.layers.quantized import (
 # swaps are held under one lock, so threads calling a model never see each
 # other's (issue 21: a call must not change what another thread computes).
 _SWAP_LOCK = threading.RLock()
-# Tying values to a tensor steers XLA's schedule (JAX, TensorFlow). PyTorch
-# runs eagerly: there is nothing to schedule and the swaps are skipped.
-_SCHEDULED = keras.backend.backend() != "torch"
 
 
 def prepare_model(model):
-    """What `enable_lora` (and a reload) does for quantized bases: see below."""
+    """What `enable_lora` (and a reload) does for frozen bases: see below."""
     give_tied_logits_a_gradient(model)
     lean_frozen_layers(model)
+    lean_frozen_einsums(model)  # float bases (frozen_backward.py)
     save_with_own_policy(model)
-
-
-def after(tensor, upstream):
-    """`tensor`, made to depend on `upstream` (values unchanged).
-
-    A frozen kernel's dequantization depends on variables only, so XLA may
-    schedule it anywhere, e.g. at the start of the step, and keep every
-    layer's float kernel alive until its use. Adding a zero taken from
-    `upstream` (the layer's input, or its upstream gradient) ties it to the
-    layer's own forward or backward pass. XLA folds an integer `x * 0`, so
-    the zero is a float one (XLA does not fold it: NaN for an infinite x),
-    cast; a non-finite first value counts as 0, so the zero is always 0.
-    """
-    first = ops.cast(ops.stop_gradient(ops.reshape(upstream, (-1,))[:1]), "float32")
-    first = ops.where(ops.isfinite(first), first, 0.0)
-    zero = ops.multiply(first, 0.0)
-    return ops.add(tensor, ops.cast(zero, tensor.dtype))
 
 
 @contextlib.contextmanager
@@ -75,8 +63,8 @@ def tied_to(layer, tensor, rows=None):
         rows: for an embedding table, `(start, stop)`: its rows (and their
             scales) in that range only, to dequantize the table in parts.
     """
-    if not _SCHEDULED and rows is None:
-        yield  # eager PyTorch: see `_SCHEDULED`
+    if not SCHEDULED and rows is None:
+        yield  # eager PyTorch: see `SCHEDULED`
         return
     stem = kernel_variable(layer).name
     names = ("_embeddings" if stem == "embeddings" else "_kernel",)
@@ -103,7 +91,7 @@ def in_parts(layer, tensor, part, rows_per_part=4096):
     previous part's result, so at most one part of the float (or unpacked)
     table exists at a time. Returns the list of results.
     """
-    if not _SCHEDULED:  # eager PyTorch: one part, the table as it is
+    if not SCHEDULED:  # eager PyTorch: one part, the table as it is
         return [part((0, layer.input_dim))]
     results = []
     for start in range(0, layer.input_dim, rows_per_part):
@@ -136,9 +124,7 @@ def input_gradient(layer, upstream):
     with tied_to(layer, upstream):
         kernel = ops.cast(dequantized_kernel(layer), upstream.dtype)
     if isinstance(layer, keras.layers.EinsumDense):
-        inputs, output = layer.equation.split("->")
-        input_spec, kernel_spec = inputs.split(",")
-        equation = f"{output},{kernel_spec}->{input_spec}"
+        equation = input_gradient_equation(layer.equation)
         return ops.einsum(equation, upstream, kernel)
     return ops.matmul(upstream, ops.transpose(kernel))
 
