@@ -47,6 +47,8 @@ SELECTION = (
     "tests/test_enable_lora.py",
     "tests/test_workflows.py",
     "tests/test_thread_safety.py",
+    "tests/test_moe.py",
+    "tests/test_frozen_backward.py",
 )
 DRY_RUN_TESTS = ("tests/test_public_api.py",)  # small: the runner is what is tried
 TARGETS = {
