@@ -10,6 +10,9 @@ medians measured side by side in interleaved rounds of this one run:
 - memory: the device allocator's peak during two training steps of each
   variant, each in a child process of its own (JAX keeps one peak per
   process): the whole model's, weights included, as the issue's figures are;
+  and of a Llama-3.2-1B-shaped causal LM (batch 4 x 512): full fine-tuning
+  against an int4 base with LoRA on every linear layer and the chunked loss
+  (issue 25);
 - forward: `predict_on_batch` at batch 1 and 8 (sequence 128) of the base, a
   freshly built base, the unmerged LoRA model and the merged one
   (`latency.forward`), and a tiny layer's per-call overhead.
@@ -42,6 +45,20 @@ MEDIUM = dict(
 )
 VARIANTS = ("keras-lora q/v", "keras built-in q/v", "full fine-tuning")
 MARKER = "GPU_BENCH_MEMORY "
+# Llama-3.2-1B's shape (random weights), for issue 25's QLoRA memory figure.
+LLAMA_1B = dict(
+    vocabulary_size=128256,
+    num_layers=16,
+    num_query_heads=32,
+    num_key_value_heads=8,
+    hidden_dim=2048,
+    intermediate_dim=8192,
+    tie_word_embeddings=True,
+)
+LLAMA_TINY = dict(LLAMA_1B, vocabulary_size=256, num_layers=2, hidden_dim=64)
+LLAMA_TINY.update(num_query_heads=4, num_key_value_heads=2, intermediate_dim=128)
+LLAMA_VARIANTS = ("llama-1b full fine-tuning", "llama-1b int4 LoRA, chunked loss")
+LLAMA_BATCH, LLAMA_SEQ = 4, 512
 
 
 def _config(tiny):
@@ -104,14 +121,51 @@ def memory_child(name, tiny):
     print(MARKER + json.dumps({"variant": name, "peak": peak}))
 
 
+def llama_child(name, tiny):
+    """Prints the device peak of two training steps of a Llama-3.2-1B-shaped
+    causal LM (child process): full fine-tuning, or int4 base + LoRA rank 8
+    on every linear layer with the chunked loss (the QLoRA recipe)."""
+    import keras
+    import keras_hub
+    import numpy as np
+
+    import keras_lora
+
+    config = LLAMA_TINY if tiny else LLAMA_1B
+    batch, seq = (2, 16) if tiny else (LLAMA_BATCH, LLAMA_SEQ)
+    backbone = keras_hub.models.LlamaBackbone(**config)
+    model = keras_hub.models.LlamaCausalLM(backbone=backbone, preprocessor=None)
+    if name != LLAMA_VARIANTS[0]:
+        backbone.quantize("int4")
+        keras_lora.enable_lora(backbone, rank=8, targets="all-linear")
+    model.compile(
+        optimizer=keras.optimizers.AdamW(1e-4),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        weighted_metrics=[],
+    )
+    if name != LLAMA_VARIANTS[0]:
+        keras_lora.use_chunked_loss(model, chunk_size=min(128, seq))
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(1, config["vocabulary_size"], (batch, seq)).astype("int32")
+    x = {"token_ids": tokens, "padding_mask": np.ones_like(tokens)}
+    device.reset_peak_memory()
+    for _ in range(2):
+        model.train_on_batch(x, tokens)
+    peak = device.peak_memory_bytes()
+    print(MARKER + json.dumps({"variant": name, "peak": peak}))
+
+
 def memory(tiny, timeout=600):
     """{variant: device peak bytes} (None on a CPU), each from a child.
 
     `tiny` (the dry run) measures keras-lora only: one child is enough to
     show the harness works."""
     result = {}
-    for name in VARIANTS[:1] if tiny else VARIANTS:
-        command = [sys.executable, __file__, "--memory-child", name]
+    # The dry run measures one variant of each: enough to try the harness.
+    children = [("--memory-child", name) for name in VARIANTS[: 1 if tiny else 3]]
+    children += [("--llama-child", name) for name in LLAMA_VARIANTS[int(tiny) :]]
+    for flag, name in children:
+        command = [sys.executable, __file__, flag, name]
         if tiny:
             command.append("--tiny")
         out = subprocess.run(
@@ -119,11 +173,14 @@ def memory(tiny, timeout=600):
         ).stdout
         line = next(x for x in out.splitlines() if x.startswith(MARKER))
         result[name] = json.loads(line[len(MARKER) :])["peak"]
-    full = result.get("full fine-tuning")
     ratios = {}
-    if full:
-        for name in VARIANTS[:2]:
-            ratios[f"{name} / full"] = result[name] / full
+    for full, variants in (
+        (VARIANTS[2], VARIANTS[:2]),
+        (LLAMA_VARIANTS[0], LLAMA_VARIANTS[1:]),
+    ):
+        if result.get(full):
+            for name in variants:
+                ratios[f"{name} / full"] = result[name] / result[full]
     return {"peak_bytes": result, "ratios": ratios}
 
 
@@ -133,9 +190,12 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--json", default=None)
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--llama-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_child:
         return memory_child(args.memory_child, args.tiny)
+    if args.llama_child:
+        return llama_child(args.llama_child, args.tiny)
     import keras
 
     rounds = args.rounds or (1 if args.tiny else 7)
