@@ -10,7 +10,8 @@ x meets A and B (`_lora_delta`). Everything else lives here, once.
 
 The same object can become a LoRA layer after it was built (`enable_lora`
 changes its class in place, so every reference held by a Functional graph or a
-KerasHub block stays valid) and turn back into its base class (`merge_lora`).
+KerasHub block stays valid) and turn back into its base class (`merge_lora`):
+`lora_conversion.py`. What it saves and its config: `lora_saving.py`.
 """
 
 import keras
@@ -28,34 +29,12 @@ from keras_lora.layers import (
 )
 from keras_lora.layers.adapter_set import AdapterSet
 from keras_lora.layers.base_call import base_call_scope, hidden_in_base_call
+from keras_lora.layers.lora_conversion import LoRAConversion
+from keras_lora.layers.lora_saving import LoRASaving
 from keras_lora.layers.protocol import LoRAProtocol
 
-# Instance attributes a LoRA layer adds to its base layer.
-_LORA_ATTRIBUTES = (
-    "rank",
-    "alpha",
-    "_alpha_arg",
-    "dropout",
-    "use_rslora",
-    "use_dora",
-    "lora_init",
-    "a_initializer",
-    "b_initializer",
-    "lora_scale",
-    "lora_seed_generator",
-    "_lora_base_class",
-    "_lora_equations",
-    "_lora_keras_quantize",
-    # Named adapters (adapter_set.py).
-    "_lora_primary",
-    "_lora_extra",
-    "_lora_active",
-    "_lora_example_ids",
-    "_lora_example_names",
-)
 
-
-class LoRALayer(ClassViewMixin, LoRAProtocol, AdapterSet):
+class LoRALayer(ClassViewMixin, LoRAProtocol, AdapterSet, LoRASaving, LoRAConversion):
     """Mixin placed before the Keras base class in every LoRA layer."""
 
     # The Keras base class, and its attribute that holds the kernel variable.
@@ -314,181 +293,3 @@ class LoRALayer(ClassViewMixin, LoRAProtocol, AdapterSet):
     def quantize(self, mode=None, type_check=True, config=None):
         quantized.check_mode(mode, self.name)
         self._lora_base.quantize(self, mode, type_check=False, config=config)
-
-    def lora_config(self):
-        """The LoRA hyper-parameters, as `get_config` records them."""
-        return {
-            "rank": self.rank,
-            "alpha": self._alpha_arg,
-            "dropout": self.dropout,
-            "use_rslora": self.use_rslora,
-            "a_initializer": keras.initializers.serialize(self.a_initializer),
-            "b_initializer": keras.initializers.serialize(self.b_initializer),
-            "use_dora": self.use_dora,
-            "init": self.lora_init,
-        }
-
-    def lora_state_variables(self):
-        """{name: variable} of the primary adapter's state beyond A and B:
-        DoRA's magnitude, PiSSA/OLoRA's starting factors."""
-        names = ("lora_magnitude", "lora_a_initial", "lora_b_initial")
-        return {n: getattr(self, n) for n in names if n in self.__dict__}
-
-    def get_config(self):
-        return {**super().get_config(), **self.lora_config()}
-
-    # Saving: the base class writes its own layout ("0", "1", ...), and the
-    # factors go under their own names, so a reloaded model has the factors it
-    # had (Keras's built-in LoRA reloads them as zeros).
-    def save_own_variables(self, store):
-        super().save_own_variables(store)
-        self.save_lora_variables(store)
-
-    def load_own_variables(self, store):
-        super().load_own_variables(store)
-        self.load_lora_variables(store)
-
-    def save_lora_variables(self, store):
-        """Writes the factors (and DoRA/PiSSA state, named adapters) to `store`."""
-        store["lora_a"] = self.lora_a
-        store["lora_b"] = self.lora_b
-        for key, variable in self.lora_state_variables().items():
-            store[key] = variable
-        for name, adapter in (self._lora_extra or {}).items():
-            store[f"lora_a_{name}"] = adapter.a
-            store[f"lora_b_{name}"] = adapter.b
-
-    def load_lora_variables(self, store):
-        """Reads what `save_lora_variables` wrote."""
-        self.lora_a.assign(store["lora_a"])
-        self.lora_b.assign(store["lora_b"])
-        for key, variable in self.lora_state_variables().items():
-            variable.assign(store[key])
-        for name, adapter in (self._lora_extra or {}).items():
-            adapter.a.assign(store[f"lora_a_{name}"])
-            adapter.b.assign(store[f"lora_b_{name}"])
-
-    # In-place conversion, used by `enable_lora` and `merge_lora`.
-    @classmethod
-    def adapt(
-        cls,
-        layer,
-        rank=8,
-        alpha=None,
-        dropout=0.0,
-        use_rslora=False,
-        a_initializer="he_uniform",
-        b_initializer="zeros",
-        use_dora=False,
-        init=None,
-    ):
-        """Turns a built base layer into this LoRA class, in place.
-
-        Args:
-            layer: a built instance of this class's base (e.g. `Dense`).
-            rank, alpha, dropout, use_rslora, a_initializer, b_initializer,
-            use_dora, init: as in the constructor.
-
-        Returns:
-            The same `layer` object, now an instance of `cls`.
-        """
-        if isinstance(layer, LoRALayer):
-            raise ValueError(
-                f"Layer '{layer.path}' is already a LoRA layer "
-                f"({type(layer).__name__}); it cannot be adapted twice."
-            )
-        if not layer.built:
-            raise ValueError(
-                f"Layer '{layer.name}' must be built before it is adapted: call "
-                "the model on data (or `model.build`) first."
-            )
-        if getattr(layer, "lora_enabled", False):
-            raise ValueError(
-                f"Layer '{layer.path}' already uses Keras's built-in LoRA "
-                "(`lora_enabled=True`); build it without `lora_rank`."
-            )
-        base_class = type(layer)
-        layer.__class__ = cls
-        try:
-            layer._init_lora(
-                rank,
-                alpha,
-                dropout,
-                use_rslora,
-                a_initializer,
-                b_initializer,
-                use_dora,
-                init,
-            )
-            layer._build_lora()
-        except Exception:
-            layer.__class__ = base_class
-            raise
-        layer._lora_base_class = base_class
-        # Keras binds `quantize` per instance when the layer is created (to
-        # the base class's method, which refuses subclasses): route it
-        # through `LoRALayer.quantize` so `model.quantize` reaches the base.
-        keras_quantize = layer.__dict__.get("quantize")
-        if keras_quantize is not None:
-            layer._lora_keras_quantize = keras_quantize
-            layer.__dict__["quantize"] = _quantize_through(layer, keras_quantize)
-        return layer
-
-    def _lora_base_class_of(self):
-        """The class this layer turns back into (its class before `adapt`)."""
-        return getattr(self, "_lora_base_class", type(self)._lora_base)
-
-    def unadapt(self, merge):
-        """Turns this layer back into its base class, in place.
-
-        Args:
-            merge: if True, W is replaced by W + s·ΔW first; if False, the
-                update is dropped and the base kernel is left as it is (a
-                PiSSA/OLoRA layer's gets its original W_res + s·A0·B0 back).
-        """
-        base_class = self._lora_base_class_of()
-        if merge and self.quantization_mode is None:
-            kernel = self.lora_base_kernel
-            kernel.assign(self.merged_kernel())
-        elif merge:
-            # dequant(W) + s·A·B in float32, re-quantized by Keras's own
-            # quantizer (same mode and block size) into the same variables:
-            # the model stays as small as it was.
-            twin = quantized.twin(
-                self, base_class, self.merged_kernel(), self.quantization_mode
-            )
-            quantized.assign_from(self, twin)
-        elif self.lora_init is not None and self.quantization_mode is None:
-            # PiSSA/OLoRA: dropping the update means the original W, whose
-            # principal part the starting factors hold.
-            self.lora_base_kernel.assign(lora_init.original_kernel(self))
-        if "_lora_keras_quantize" in self.__dict__:
-            self.__dict__["quantize"] = self._lora_keras_quantize
-        # Untrack the factors so that `weights` is what it was before.
-        for adapter in (self._lora_extra or {}).values():
-            for variable in (adapter.a, adapter.b):
-                self._untrack_variable(variable)
-            if adapter.seed_generator is not None:
-                self._seed_generators.remove(adapter.seed_generator)
-        for name in ("lora_a", "lora_b", *self.lora_state_variables()):
-            self._untrack_variable(getattr(self, name))
-            object.__delattr__(self, name)
-        if self.lora_seed_generator is not None:
-            self._seed_generators.remove(self.lora_seed_generator)
-        # Leave no LoRA attribute behind on the plain layer.
-        for name in _LORA_ATTRIBUTES:
-            self.__dict__.pop(name, None)
-        self.__class__ = base_class
-        return self
-
-
-def _quantize_through(layer, keras_quantize):
-    """`layer.quantize` for an adapted layer: checks the mode, then Keras's."""
-
-    def quantize(mode=None, type_check=True, config=None, **kwargs):
-        quantized.check_mode(
-            mode or getattr(config, "mode", None) or config, layer.name
-        )
-        return keras_quantize(mode=mode, config=config, type_check=False, **kwargs)
-
-    return quantize
