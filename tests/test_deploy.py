@@ -1,0 +1,160 @@
+"""Deployment (issue 22): LoRA models in the serving formats Keras exports.
+
+Each artifact is loaded with its format's own runtime (`onnxruntime`,
+`tf.saved_model.load`, `torch.export.load`) and compared with the live LoRA
+model. One tiny model per module (Embedding, Conv2D, a multi-axis EinsumDense
+and a Dense, all adapted), so the cost is the exporters' own. Where Keras or a
+runtime cannot take a case, the test skips with the reason, as listed in
+docs/deploy.md.
+"""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+
+import keras_lora
+from helpers import randomize_factors
+
+BACKEND = keras.backend.backend()
+
+# (format, backend) -> why Keras cannot export it there (docs/deploy.md).
+NOT_ON_BACKEND = {
+    ("tf_saved_model", "torch"): (
+        "Keras exports a SavedModel from torch through torch_xla, whose wheels "
+        "pin their own torch release (not torch 2.13 CPU)"
+    ),
+    ("torch", "jax"): "Keras's `format='torch'` runs on the torch backend only",
+    ("torch", "tensorflow"): "Keras's `format='torch'` runs on the torch backend only",
+}
+# (format, backend) -> why a re-quantized int8 artifact does not run.
+INT8_NOT = {
+    ("onnx", "jax"): (
+        "jax2onnx writes the int8 EinsumDense as an int8 Einsum node, which "
+        "onnxruntime does not implement"
+    ),
+    ("onnx", "torch"): (
+        "torch.onnx cannot export the `aten::ravel` of Keras's int8 quantized call"
+    ),
+}
+FORMATS = ["onnx", "tf_saved_model", "torch"]
+SUFFIX = {"onnx": ".onnx", "tf_saved_model": "", "torch": ".pt2"}
+
+
+def export_kwargs(fmt):
+    """A free batch size: Keras's torch export fixes it to 1 unless told."""
+    if fmt != "torch":
+        return {}
+    import torch
+
+    return {"dynamic_shapes": {0: torch.export.Dim("batch", min=1, max=64)}}
+
+
+def _skip_unless_supported(fmt, quantize=None):
+    reason = NOT_ON_BACKEND.get((fmt, BACKEND))
+    if reason is None and quantize == "int8":
+        reason = INT8_NOT.get((fmt, BACKEND))
+    if reason is not None:
+        pytest.skip(reason)
+    if fmt == "onnx":
+        pytest.importorskip("onnxruntime")
+
+
+def _lora_model():
+    """Embedding -> Conv2D -> EinsumDense (3 axes in, 2 out) -> Dense."""
+    layers = keras.layers
+    tokens = keras.Input((5,), dtype="int32", name="tokens")
+    h = layers.Embedding(20, 8, name="emb")(tokens)
+    h = layers.Reshape((5, 8, 1))(h)
+    h = layers.Conv2D(3, 3, name="conv")(h)  # (3, 6, 3)
+    h = layers.Reshape((3, 18))(h)
+    h = layers.EinsumDense("abc,cde->abde", (None, 2, 4), name="qkv")(h)
+    h = layers.Reshape((3, 8))(h)
+    outputs = layers.Dense(2, name="out")(h)
+    model = keras.Model(tokens, outputs)
+    keras_lora.enable_lora(model, rank=2, targets=["emb", "conv", "qkv", "out"])
+    randomize_factors(model)
+    return model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return _lora_model()
+
+
+def _tokens(batch=3, seed=0):
+    return np.random.default_rng(seed).integers(0, 20, (batch, 5)).astype("int32")
+
+
+def run_artifact(fmt, path, *inputs):
+    """The artifact's outputs for `inputs`, computed by the format's runtime."""
+    if fmt == "onnx":
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(path)
+        names = [i.name for i in session.get_inputs()]
+        return session.run(None, dict(zip(names, inputs)))[0]
+    if fmt == "tf_saved_model":
+        import tensorflow as tf
+
+        loaded = tf.saved_model.load(path)  # kept: its variables die with it
+        return loaded.serve(*inputs).numpy()
+    import torch
+
+    program = torch.export.load(path)
+    return program.module()(*map(torch.as_tensor, inputs)).detach().numpy()
+
+
+def _expected(model, x):
+    return keras.ops.convert_to_numpy(model(x))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_the_live_model_exports_with_its_outputs(model, fmt, tmp_path):
+    """The factors stay separate in the artifact (adapter swappable later).
+    On jax, ONNX failed before issue 22 with "reshape with symbolic dimensions
+    requires mapping to input axes" (the multi-axis EinsumDense's path)."""
+    _skip_unless_supported(fmt)
+    path = str(tmp_path / f"live{SUFFIX[fmt]}")
+    # `model.export` with the signature Keras reads (the model never called).
+    keras_lora.export_serving(
+        model, path, format=fmt, merge=False, **export_kwargs(fmt)
+    )
+    x = _tokens(batch=3)
+    np.testing.assert_allclose(
+        run_artifact(fmt, path, x), _expected(model, x), atol=1e-5, rtol=1e-5
+    )
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_export_serving_writes_the_merged_model(model, fmt, quantize, tmp_path):
+    """`export_serving` merges, reloads and exports without a first call
+    (Keras's ONNX exporter refuses a reloaded model: "has never called")."""
+    _skip_unless_supported(fmt, quantize)
+    path = str(tmp_path / f"merged{SUFFIX[fmt]}")
+    written = keras_lora.export_serving(
+        model, path, format=fmt, quantize=quantize, **export_kwargs(fmt)
+    )
+    assert written == path
+    x = _tokens(batch=2, seed=1)
+    served = run_artifact(fmt, path, x)
+    expected = _expected(model, x)
+    if quantize is None:
+        np.testing.assert_allclose(served, expected, atol=1e-5, rtol=1e-5)
+    else:
+        # Keras's int8 rounding (weights and activations) on top of the merge.
+        np.testing.assert_allclose(served, expected, atol=0.02)
+        assert np.abs(served - expected).max() > 0  # it is the int8 model
+    assert os.listdir(tmp_path) == [os.path.basename(path)]  # nothing else left
+
+
+def test_export_serving_rejects_bad_arguments(model, tmp_path):
+    with pytest.raises(ValueError, match="format='savedmodel'"):
+        keras_lora.export_serving(model, str(tmp_path / "m"), format="savedmodel")
+    with pytest.raises(ValueError, match="merge=False, quantize='int8'"):
+        keras_lora.export_serving(
+            model, str(tmp_path / "m"), merge=False, quantize="int8"
+        )
+    assert os.listdir(tmp_path) == []
