@@ -29,6 +29,7 @@ _PUBLIC = {
     "disable_lora": "keras_lora.transform",
     "enable_lora": "keras_lora.transform",
     "export_merged": "keras_lora.export",
+    "export_multi_adapter": "keras_lora.multi_adapter_export",
     "export_serving": "keras_lora.deploy",
     "list_adapters": "keras_lora.named_adapters",
     "load_adapter": "keras_lora.adapters",
@@ -63,6 +64,7 @@ if _typing.TYPE_CHECKING:  # what static tools and IDEs read
     )
     from keras_lora.lora_plus import LoRAPlus
     from keras_lora.mixed_batch import adapter_ids
+    from keras_lora.multi_adapter_export import export_multi_adapter
     from keras_lora.named_adapters import (
         active_adapters,
         add_adapter,

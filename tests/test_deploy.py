@@ -158,3 +158,46 @@ def test_export_serving_rejects_bad_arguments(model, tmp_path):
             model, str(tmp_path / "m"), merge=False, quantize="int8"
         )
     assert os.listdir(tmp_path) == []
+
+
+@pytest.fixture(scope="module")
+def multi_adapter_model():
+    """Three named adapters of ranks 1, 2, 3 on Embedding, EinsumDense, Dense."""
+    layers = keras.layers
+    tokens = keras.Input((5,), dtype="int32", name="tokens")
+    h = layers.Embedding(20, 8, name="emb")(tokens)
+    h = layers.EinsumDense("abc,cde->abde", (None, 2, 4), name="qkv")(h)
+    h = layers.Reshape((5, 8))(h)
+    model = keras.Model(tokens, layers.Dense(3, name="out")(h))
+    for rank, name in enumerate(["a", "b", "c"], 1):
+        keras_lora.add_adapter(model, name, rank=rank, targets=["emb", "qkv", "out"])
+    rng = np.random.default_rng(0)
+    for layer in keras_lora.lora_layers(model):
+        for name in layer.lora_adapter_names:  # fresh B is zero: random factors
+            for factor in (layer.lora_adapter(name).a, layer.lora_adapter(name).b):
+                factor.assign(rng.normal(0, 0.2, factor.shape).astype("float32"))
+    keras_lora.set_adapter(model, "b")
+    return model
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "tf_saved_model"])
+def test_one_artifact_serves_each_example_with_its_adapter(
+    multi_adapter_model, fmt, tmp_path
+):
+    _skip_unless_supported(fmt)
+    model = multi_adapter_model
+    path = str(tmp_path / f"adapters{SUFFIX[fmt]}")
+    keras_lora.export_multi_adapter(model, path, format=fmt)
+    x = _tokens(batch=5, seed=2)
+    ids = np.array([2, 0, 3, 1, 0], "int32")  # 3: no adapter (the base)
+    alone = []
+    for name in ["a", "b", "c", None]:
+        keras_lora.set_adapter(model, name)
+        alone.append(_expected(model, x))
+    keras_lora.set_adapter(model, "b")
+    expected = np.stack([alone[i][k] for k, i in enumerate(ids)])
+    gaps = [np.abs(a - b).max() for i, a in enumerate(alone) for b in alone[i + 1 :]]
+    assert min(gaps) > 1e-3, gaps  # the ids matter: four different models
+    np.testing.assert_allclose(run_artifact(fmt, path, x, ids), expected, atol=1e-5)
+    # The live model is as it was: adapter "b" alone.
+    np.testing.assert_allclose(_expected(model, x), alone[1], atol=1e-6)
