@@ -117,6 +117,43 @@ def export_serving(
     return filepath
 
 
+def export_preset(model, preset_dir, dtype=None, quantize=None):
+    """Saves a KerasHub model, its LoRA updates merged, as a KerasHub preset.
+
+    The preset loads with KerasHub alone (`keras_hub.models.GPT2CausalLM
+    .from_preset(preset_dir)`, no keras-lora): it is `export_merged`'s model,
+    loaded back and written by its own `save_to_preset`. (The live model's
+    own `save_to_preset` would write its LoRA layers, which plain KerasHub
+    cannot load.)
+
+    Args:
+        model: a KerasHub task or backbone with LoRA layers.
+        preset_dir: the preset folder to write (as `save_to_preset` takes
+            it).
+        dtype: as `export_merged` takes it.
+        quantize: as `export_merged` takes it.
+
+    Returns:
+        `preset_dir`.
+
+    Example:
+
+    >>> keras_lora.export_preset(causal_lm, "./gpt2-task")
+    >>> keras_hub.models.GPT2CausalLM.from_preset("./gpt2-task")
+    """
+    if not hasattr(model, "save_to_preset"):
+        raise ValueError(
+            "`model` must be a KerasHub task or backbone (it has no "
+            f"`save_to_preset`). Received: model={type(model).__name__}"
+        )
+    with tempfile.TemporaryDirectory(prefix=".keras_lora_preset.") as work:
+        merged = export_merged(
+            model, os.path.join(work, "merged.keras"), dtype=dtype, quantize=quantize
+        )
+        keras.saving.load_model(merged).save_to_preset(preset_dir)
+    return preset_dir
+
+
 def _replace(source, target):
     """Moves `source` onto `target`; an old folder there is removed after."""
     if not os.path.isdir(target) or os.path.islink(target):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import keras_lora
-from helpers import randomize_factors
+from helpers import randomize_factors, tiny_gpt2_causal_lm, to_numpy, token_batch
 
 BACKEND = keras.backend.backend()
 
@@ -201,3 +201,17 @@ def test_one_artifact_serves_each_example_with_its_adapter(
     np.testing.assert_allclose(run_artifact(fmt, path, x, ids), expected, atol=1e-5)
     # The live model is as it was: adapter "b" alone.
     np.testing.assert_allclose(_expected(model, x), alone[1], atol=1e-6)
+
+
+def test_a_merged_keras_hub_task_reloads_from_its_preset_without_keras_lora(tmp_path):
+    keras_hub = pytest.importorskip("keras_hub")
+    lm = tiny_gpt2_causal_lm(num_layers=1)
+    keras_lora.enable_lora(lm, rank=2, targets="all-linear")
+    randomize_factors(lm)
+    x = token_batch(2)
+    preset = str(tmp_path / "preset")
+    assert keras_lora.export_preset(lm, preset) == preset
+    again = keras_hub.models.GPT2CausalLM.from_preset(preset)
+    assert not keras_lora.lora_layers(again)
+    assert type(again) is keras_hub.models.GPT2CausalLM  # KerasHub's own class
+    np.testing.assert_allclose(to_numpy(again(x)), to_numpy(lm(x)), atol=1e-5)
