@@ -71,26 +71,13 @@ def export_serving(
     >>> keras_lora.export_serving(model, "model.onnx", format="onnx")
     >>> keras_lora.export_serving(model, "served", quantize="int8")
     """
-    if format not in FORMATS:
-        raise ValueError(
-            f"`format` must be one of {FORMATS}. Received: format={format!r}"
-        )
-    if not isinstance(filepath, (str, os.PathLike)):
-        raise ValueError(f"`filepath` must be a path. Received: filepath={filepath!r}")
-    filepath = os.fspath(filepath)
     if not merge and (quantize is not None or dtype is not None):
         raise ValueError(
             "`quantize` and `dtype` apply to the merged model only: pass "
             f"`merge=True`. Received: merge=False, quantize={quantize!r}, "
             f"dtype={dtype!r}"
         )
-    folder = os.path.dirname(os.path.abspath(filepath))
-    if not os.path.isdir(folder):
-        raise ValueError(
-            f"The folder of `filepath` does not exist: {folder}. "
-            f"Received: filepath={filepath!r}"
-        )
-    with tempfile.TemporaryDirectory(prefix=".keras_lora_export.", dir=folder) as work:
+    with staged_export(filepath, format) as (work, staged_path):
         served = model
         if merge:
             merged = export_merged(
@@ -102,19 +89,43 @@ def export_serving(
             served = keras.saving.load_model(merged)
         if input_signature is None:
             input_signature = get_input_signature(served)
-        staged = os.path.join(work, "artifact")
-        os.mkdir(staged)
-        name = os.path.basename(os.path.normpath(filepath))
         served.export(
-            os.path.join(staged, name),
+            staged_path,
             format=format,
             input_signature=input_signature,
             verbose=verbose,
             **kwargs,
         )
-        for entry in sorted(os.listdir(staged)):  # OpenVINO: `.xml` and `.bin`
-            _replace(os.path.join(staged, entry), os.path.join(folder, entry))
     return filepath
+
+
+@contextlib.contextmanager
+def staged_export(filepath, format):
+    """Checks `filepath` and `format`; yields `(work folder, staged path)`.
+
+    The block exports to the staged path (same base name, in a temporary
+    folder beside `filepath`); on success every file it wrote there (OpenVINO
+    writes `.xml` and `.bin`) is moved into place, on failure nothing is.
+    """
+    if format not in FORMATS:
+        raise ValueError(
+            f"`format` must be one of {FORMATS}. Received: format={format!r}"
+        )
+    if not isinstance(filepath, (str, os.PathLike)):
+        raise ValueError(f"`filepath` must be a path. Received: filepath={filepath!r}")
+    filepath = os.fspath(filepath)
+    folder = os.path.dirname(os.path.abspath(filepath))
+    if not os.path.isdir(folder):
+        raise ValueError(
+            f"The folder of `filepath` does not exist: {folder}. "
+            f"Received: filepath={filepath!r}"
+        )
+    with tempfile.TemporaryDirectory(prefix=".keras_lora_export.", dir=folder) as work:
+        staged = os.path.join(work, "artifact")
+        os.mkdir(staged)
+        yield work, os.path.join(staged, os.path.basename(os.path.normpath(filepath)))
+        for entry in sorted(os.listdir(staged)):
+            _replace(os.path.join(staged, entry), os.path.join(folder, entry))
 
 
 def export_preset(model, preset_dir, dtype=None, quantize=None):

@@ -12,12 +12,11 @@ of adapters). It is exported by Keras's own `model.export`, so it loads with
 the format's runtime alone (onnxruntime, `tf.saved_model.load`, ...).
 """
 
-import os
-
 import keras
 from keras import ops
 
 from keras_lora import adapted_model, mixed_batch, named_adapters, transform
+from keras_lora.deploy import staged_export
 from keras_lora.keras_private import get_input_signature
 
 ID_INPUT = "adapter_id"
@@ -29,7 +28,8 @@ class AdapterIdModel(keras.Model):
     Called as `served(inputs, adapter_id)`: `inputs` as `model` takes them,
     `adapter_id` of shape `(batch,)`. The LoRA layers of `model` see the ids
     only for the duration of the call (plain Python state, as in an
-    `adapter_ids` block), so `model` itself is unchanged afterwards.
+    `adapter_ids` block), so `model` itself is unchanged afterwards; other
+    threads should not call `model` meanwhile (they would see the ids too).
 
     Args:
         model: a model with named adapters, built.
@@ -76,7 +76,9 @@ def export_multi_adapter(
         model: a model with named adapters (`add_adapter`, `load_adapter(...,
             name=...)`), without DoRA or PiSSA/OLoRA layers and without
             trained heads (`train_layers`), which cannot differ per example.
-        filepath: the artifact's path, as `model.export` takes it.
+        filepath: the artifact's path, as `model.export` takes it (written
+            beside a temporary name and moved into place, as by
+            `export_serving`).
         format: as `model.export` takes it (`"tf_saved_model"`, `"onnx"`,
             ...).
         names: the adapters, in id order; by default all of them, in the
@@ -115,11 +117,12 @@ def export_multi_adapter(
     inputs = input_signature[0] if len(input_signature) == 1 else input_signature
     ids = keras.InputSpec(shape=(None,), dtype="int32", name=ID_INPUT)
     served = AdapterIdModel(model, names, name=f"{model.name}_adapters")
-    served.export(
-        os.fspath(filepath),
-        format=format,
-        input_signature=[inputs, ids],
-        verbose=verbose,
-        **kwargs,
-    )
+    with staged_export(filepath, format) as (_, staged_path):
+        served.export(
+            staged_path,
+            format=format,
+            input_signature=[inputs, ids],
+            verbose=verbose,
+            **kwargs,
+        )
     return filepath

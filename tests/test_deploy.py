@@ -275,3 +275,15 @@ def test_a_merged_keras_hub_task_reloads_from_its_preset_without_keras_lora(tmp_
     assert not keras_lora.lora_layers(again)
     assert type(again) is keras_hub.models.GPT2CausalLM  # KerasHub's own class
     np.testing.assert_allclose(to_numpy(again(x)), to_numpy(lm(x)), atol=1e-5)
+
+
+def test_a_failed_export_leaves_the_old_artifact_and_nothing_else(model, tmp_path):
+    path = tmp_path / "model.onnx"
+    path.write_bytes(b"the old artifact")
+    wrong = [keras.InputSpec(shape=(None, 7, 3), dtype="float32", name="tokens")]
+    with pytest.raises(Exception):  # noqa: B017 (each backend's tracer its own)
+        keras_lora.export_serving(
+            model, str(path), format="onnx", merge=False, input_signature=wrong
+        )
+    assert path.read_bytes() == b"the old artifact"
+    assert os.listdir(tmp_path) == ["model.onnx"]
