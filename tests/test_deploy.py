@@ -1,8 +1,8 @@
 """Deployment (issue 22): LoRA models in the serving formats Keras exports.
 
 Each artifact is loaded with its format's own runtime (`onnxruntime`,
-`tf.saved_model.load`, `torch.export.load`) and compared with the live LoRA
-model. One tiny model per module (Embedding, Conv2D, a multi-axis EinsumDense
+`tf.saved_model.load`, `torch.export.load`, `tf.lite.Interpreter`, OpenVINO)
+and compared with the live LoRA model. One tiny model per module (Embedding, Conv2D, a multi-axis EinsumDense
 and a Dense, all adapted), so the cost is the exporters' own. Where Keras or a
 runtime cannot take a case, the test skips with the reason, as listed in
 docs/deploy.md.
