@@ -29,6 +29,9 @@ _PUBLIC = {
     "disable_lora": "keras_lora.disable",
     "enable_lora": "keras_lora.transform",
     "export_merged": "keras_lora.export",
+    "export_multi_adapter": "keras_lora.multi_adapter_export",
+    "export_preset": "keras_lora.deploy",
+    "export_serving": "keras_lora.deploy",
     "list_adapters": "keras_lora.named_adapters",
     "load_adapter": "keras_lora.adapters",
     "load_peft_adapter": "keras_lora.interop",
@@ -49,6 +52,7 @@ if _typing.TYPE_CHECKING:  # what static tools and IDEs read
     from keras_lora.callbacks import MergeLoRA
     from keras_lora.chunked_loss import use_chunked_loss
     from keras_lora.combine import combine_adapters
+    from keras_lora.deploy import export_preset, export_serving
     from keras_lora.disable import disable_lora
     from keras_lora.export import export_merged
     from keras_lora.interop import load_peft_adapter, save_peft_adapter
@@ -62,6 +66,7 @@ if _typing.TYPE_CHECKING:  # what static tools and IDEs read
     )
     from keras_lora.lora_plus import LoRAPlus
     from keras_lora.mixed_batch import adapter_ids
+    from keras_lora.multi_adapter_export import export_multi_adapter
     from keras_lora.named_adapters import (
         active_adapters,
         add_adapter,

@@ -230,6 +230,10 @@ def _plan(layer, base_class, dtype, quantize, merged=True):
     """(base class, mode, float policy) for a twin, or None to write as is."""
     mode = layer.quantization_mode
     target = {None: None, "same": mode}.get(quantize, quantize)
+    if quantize in quantized.SUPPORTED_MODES and base_class not in _quantizable():
+        # As `model.quantize` does: a layer Keras cannot quantize (a
+        # convolution) stays as it is.
+        target = mode
     if mode is not None and mode not in quantized.SUPPORTED_MODES:
         if target == mode and not merged:
             return None  # e.g. a float8 layer that LoRA did not touch

@@ -18,10 +18,21 @@ LoRA layer going silently wrong.
 # base): `AutocastScope(None)` reads them as stored. No public API (3.15).
 from keras.src.backend import AutocastScope, set_keras_mask
 
+# `export_serving` passes Keras's exporters the input signature Keras itself
+# reads from a model: a Functional model reloaded from a `.keras` file has it,
+# but has never been called, which Keras's ONNX exporter refuses unless a
+# signature is given. No public API (3.15).
+from keras.src.export.export_utils import get_input_signature
+
 # A block-wise (grouped) int4 kernel is dequantized by Keras's own function
 # (scale and zero point per group), so a LoRA layer's merge and DoRA's norm see
 # exactly the kernel Keras's `quantized_call` computes with. Not exported
 # under `keras.quantizers` (3.15).
 from keras.src.quantizers.quantizers import dequantize_with_sz_map
 
-__all__ = ["AutocastScope", "dequantize_with_sz_map", "set_keras_mask"]
+__all__ = [
+    "AutocastScope",
+    "dequantize_with_sz_map",
+    "get_input_signature",
+    "set_keras_mask",
+]

@@ -61,40 +61,7 @@ def adapter_ids(model, ids):
                 f"`ids` names {entry!r}, which is not an adapter of model "
                 f"'{model.name}'. Its adapters: {names}"
             )
-    heads = sorted(
-        {
-            n
-            for n in ids
-            if n is not None and model._keras_lora_adapters[n]["train_layers"]
-        }
-    )
-    if heads:
-        raise ValueError(
-            f"Adapters {heads} train heads (`train_layers`), which cannot differ "
-            "per example: run their examples as separate batches."
-        )
-    experts = [
-        lyr for lyr in transform.lora_layers(model) if isinstance(lyr, LoRAExpertEinsum)
-    ]
-    if experts:
-        # A bank sees the tokens of all examples flattened into one axis (and
-        # per expert): an example's id no longer names its rows there.
-        raise ValueError(
-            f"Model '{model.name}' has LoRA on mixture-of-experts weights "
-            f"('{experts[0].path}'): per-example adapters are not supported "
-            "there. Run each adapter's examples as a separate batch "
-            "(`set_adapter`)."
-        )
-    special = [
-        lyr for lyr in transform.lora_layers(model) if lyr.use_dora or lyr.lora_init
-    ]
-    if special:
-        raise ValueError(
-            f"Model '{model.name}' has a DoRA or PiSSA/OLoRA layer "
-            f"('{special[0].path}'): per-example adapters need updates that add "
-            "to an unchanged base kernel. Received: "
-            f"use_dora={special[0].use_dora}, init={special[0].lora_init!r}"
-        )
+    check_per_example(model, [n for n in ids if n is not None])
     index = np.array(
         [len(names) if n is None else names.index(n) for n in ids], "int32"
     )
@@ -125,6 +92,43 @@ def adapter_ids(model, ids):
             layer.set_lora_example_state(active, example_ids)
         _untrack(model, variable)
         named_adapters.swap_functions(model, inside, outside)
+
+
+def check_per_example(model, names):
+    """Raises unless adapters `names` can differ per example of one batch.
+
+    Args:
+        model: a model with named adapters.
+        names: the adapter names the examples may use.
+    """
+    heads = sorted({n for n in names if model._keras_lora_adapters[n]["train_layers"]})
+    if heads:
+        raise ValueError(
+            f"Adapters {heads} train heads (`train_layers`), which cannot differ "
+            "per example: run their examples as separate batches."
+        )
+    experts = [
+        lyr for lyr in transform.lora_layers(model) if isinstance(lyr, LoRAExpertEinsum)
+    ]
+    if experts:
+        # A bank sees the tokens of all examples flattened into one axis (and
+        # per expert): an example's id no longer names its rows there.
+        raise ValueError(
+            f"Model '{model.name}' has LoRA on mixture-of-experts weights "
+            f"('{experts[0].path}'): per-example adapters are not supported "
+            "there. Run each adapter's examples as a separate batch "
+            "(`set_adapter`)."
+        )
+    special = [
+        lyr for lyr in transform.lora_layers(model) if lyr.use_dora or lyr.lora_init
+    ]
+    if special:
+        raise ValueError(
+            f"Model '{model.name}' has a DoRA or PiSSA/OLoRA layer "
+            f"('{special[0].path}'): per-example adapters need updates that add "
+            "to an unchanged base kernel. Received: "
+            f"use_dora={special[0].use_dora}, init={special[0].lora_init!r}"
+        )
 
 
 def _ids_variable(model, size):

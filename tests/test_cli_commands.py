@@ -161,6 +161,23 @@ def test_merge_writes_a_plain_model_with_the_adapted_outputs(files, capsys):
     )
 
 
+def test_merge_to_onnx_writes_an_artifact_with_the_adapted_outputs(files, capsys):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    out_path = files / "merged.onnx"
+    argv = ["merge", files / "base.keras", files / "r4.adapter.keras", out_path]
+    code, out, _ = _run([*argv, "--format", "onnx"], capsys)
+    assert code == 0 and "(onnx," in out
+    adapted = keras.saving.load_model(files / "base.keras")
+    keras_lora.load_adapter(adapted, files / "r4.adapter.keras")
+    x = np.random.default_rng(0).normal(size=(4, 16)).astype("float32")
+    session = onnxruntime.InferenceSession(str(out_path))
+    np.testing.assert_allclose(
+        session.run(None, {session.get_inputs()[0].name: x})[0],
+        keras.ops.convert_to_numpy(adapted(x)),
+        atol=1e-5,
+    )
+
+
 @pytest.mark.parametrize(
     "argv,words",
     [

@@ -351,7 +351,7 @@ class AdapterSet:
         """
         a_stack, b_stack = self._lora_stacked(names)
         ids = ops.convert_to_tensor(self._lora_example_ids)
-        b_g = ops.take(b_stack, ids, axis=0)  # (batch, r, *outputs)
+        b_g = _take_rows(b_stack, ids)  # (batch, r, *outputs)
         rank = b_stack.shape[1]
         if isinstance(self, keras.layers.Embedding):
             vocab = a_stack.shape[1]
@@ -365,7 +365,7 @@ class AdapterSet:
                 f"Per-example adapters need a matmul-shaped layer; layer "
                 f"'{self.path}' ({type(self).__name__}) is not one."
             )
-        a_g = ops.take(a_stack, ids, axis=0)  # (batch, *inputs, r)
+        a_g = _take_rows(a_stack, ids)  # (batch, *inputs, r)
         d_in = math.prod(a_stack.shape[1:-1])
         shape = ops.shape(inputs)
         kept = shape[: len(shape) - (len(a_stack.shape) - 2)]
@@ -380,3 +380,15 @@ class AdapterSet:
         if isinstance(self, keras.layers.EinsumDense):
             return self._lora_is_matmul()
         return isinstance(self, keras.layers.Dense)
+
+
+def _take_rows(stack, ids):
+    """`stack[ids]`, gathered from a 2-D view of `stack`.
+
+    Keras's PyTorch `take` on more than two axes flattens the ids with
+    `ravel`, which PyTorch's ONNX exporter cannot write (a multi-adapter
+    artifact, `keras_lora.export_multi_adapter`); on two axes it is an
+    embedding lookup, the same gather.
+    """
+    rows = ops.take(ops.reshape(stack, (stack.shape[0], -1)), ids, axis=0)
+    return ops.reshape(rows, (-1, *stack.shape[1:]))

@@ -39,18 +39,18 @@ def matmul_update(x, a, b, scale):
             low = torch.matmul(x, torch_down(a))
             return torch.matmul(low if scale == 1.0 else low * scale, b)
         return _torch_reshaped_update(x, a, b, scale)
+    # Contractions, not `reshape(x, (-1, d_in))`: a reshape through the
+    # flattened leading axes cannot be exported with a symbolic batch size
+    # (jax2onnx: "reshape with symbolic dimensions requires mapping to input
+    # axes"). Compiled on JAX and TensorFlow, both are the same GEMM.
     in_rank = len(a.shape) - 1
-    rank = a.shape[-1]
-    d_in = math.prod(a.shape[:-1])
-    out_axes = tuple(b.shape[1:])
-    if in_rank == 1 and len(out_axes) == 1:  # Dense: two plain matmuls
+    if in_rank == 1:
         low = ops.matmul(x, a)
+    else:
+        low = ops.tensordot(x, a, axes=in_rank)
+    if len(b.shape) == 2:
         return ops.matmul(scaled(low, scale), b)
-    shape = ops.shape(x)
-    lead = shape[: len(shape) - in_rank]
-    low = ops.matmul(ops.reshape(x, (-1, d_in)), ops.reshape(a, (d_in, rank)))
-    up = ops.matmul(scaled(low, scale), ops.reshape(b, (rank, -1)))
-    return ops.reshape(up, (*lead, *out_axes))
+    return ops.tensordot(scaled(low, scale), b, axes=1)
 
 
 def _torch_reshaped_update(x, a, b, scale):
