@@ -107,14 +107,19 @@ def lean_call(keras_call):
 
     Returns:
         A function like `keras_call`, which computes Keras's outputs with
-        `frozen_einsum` where `is_lean(layer)` and is `keras_call` elsewhere;
-        `keras_call` itself on eager PyTorch.
+        `frozen_einsum` where `is_lean(layer)` in training (`training=True`,
+        as `fit` and a stateless training step pass it) and is `keras_call`
+        elsewhere; `keras_call` itself on eager PyTorch.
     """
     if not SCHEDULED:
         return keras_call
 
     def call(layer, inputs, training=None):
-        if not is_lean(layer):
+        # Only in training: an inference or exported graph needs no backward
+        # pass, and a custom gradient that closes over the kernel cannot be
+        # exported (a SavedModel traces the gradients of custom gradients,
+        # which jax2tf then fails to convert).
+        if training is not True or not is_lean(layer):
             return keras_call(layer, inputs, training=training)
         # `EinsumDense.call`, with the einsum's input gradient made in
         # backward; the bias keeps its own gradient (it may train).
