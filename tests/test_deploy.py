@@ -266,6 +266,8 @@ def test_one_artifact_serves_each_example_with_its_adapter(
 def test_a_merged_keras_hub_task_reloads_from_its_preset_without_keras_lora(tmp_path):
     keras_hub = pytest.importorskip("keras_hub")
     lm = tiny_gpt2_causal_lm(num_layers=1)
+    base = str(tmp_path / "base")
+    lm.save_to_preset(base)  # the base model, as it is shared
     keras_lora.enable_lora(lm, rank=2, targets="all-linear")
     randomize_factors(lm)
     x = token_batch(2)
@@ -275,6 +277,13 @@ def test_a_merged_keras_hub_task_reloads_from_its_preset_without_keras_lora(tmp_
     assert not keras_lora.lora_layers(again)
     assert type(again) is keras_hub.models.GPT2CausalLM  # KerasHub's own class
     np.testing.assert_allclose(to_numpy(again(x)), to_numpy(lm(x)), atol=1e-5)
+    # An adapter next to the base preset: one call onto `from_preset(dir)`.
+    adapter = os.path.join(base, "adapter.keras")
+    keras_lora.save_adapter(lm, adapter)
+    task = keras_lora.load_adapter(
+        keras_hub.models.GPT2CausalLM.from_preset(base), adapter
+    )
+    np.testing.assert_allclose(to_numpy(task(x)), to_numpy(lm(x)), atol=1e-5)
 
 
 def test_a_failed_export_leaves_the_old_artifact_and_nothing_else(model, tmp_path):
