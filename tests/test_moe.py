@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 import keras_lora
+from helpers import randomize_factors, to_numpy, token_batch
 from keras_lora.layers import expert_recipes
 from keras_lora.layers.expert_einsum import LoRAExpertEinsum
 from keras_lora.layers.expert_recipes import Recipe
-from tests.helpers import randomize_factors, to_numpy, token_batch
 
 EXPERTS, HIDDEN, INTERMEDIATE, RANK = 4, 16, 8, 2
 # (architecture, expert weights per block, router Dense name)
