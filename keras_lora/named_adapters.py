@@ -28,6 +28,7 @@ from keras_lora import (
     atomic,
     model_paths,
     raw_weights,
+    targets,
     trainable_state,
     transform,
 )
@@ -129,7 +130,7 @@ def _add_to_layer(layer, path, name, config):
     elif isinstance(layer, LoRALayer):
         layer.add_lora_adapter(name, **config)
     else:  # a raw weight's LoRA layer is a new object
-        layer = transform.lora_class_for(layer).adapt(layer, **config)
+        layer = targets.lora_class_for(layer).adapt(layer, **config)
         layer.set_lora_primary(name)
 
 

@@ -8,10 +8,13 @@ A target spec is one of:
   `None` is an error asking for `"all-conv"`, `"all-linear"` or names (never
   a silent choice of the Dense head alone);
 - `"all-linear"`: every Dense and EinsumDense layer (inside the backbone, when
-  the model has a KerasHub backbone, so that task heads stay out);
+  the model has a KerasHub backbone, so that task heads stay out), and the
+  expert weights of the KerasHub mixture-of-experts banks keras-lora knows,
+  not their routers (`_all_linear`);
 - `"all-conv"`: every Conv1D, Conv2D and Conv3D layer (same backbone rule);
 - a list of layer names or regular expressions, each matched in full against
-  `layer.path` (or equal to `layer.name`); every entry must match something;
+  `layer.path` (or equal to `layer.name`); raw weights (an expert bank's) are
+  matched by `<layer path>/<weight name>`; every entry must match something;
 - a callable `layer -> bool`.
 """
 
@@ -22,6 +25,11 @@ import warnings
 import keras
 
 from keras_lora.layers import expert_bank
+from keras_lora.layers.conv import LoRAConv1D, LoRAConv2D, LoRAConv3D
+from keras_lora.layers.dense import LoRADense
+from keras_lora.layers.einsum_dense import LoRAEinsumDense
+from keras_lora.layers.embedding import LoRAEmbedding, LoRAReversibleEmbedding
+from keras_lora.layers.expert_einsum import LoRAExpertEinsum
 from keras_lora.layers.lora_layer import LoRALayer
 from keras_lora.model_paths import sublayers
 from keras_lora.raw_weights import RawWeight, raw_weights
@@ -266,3 +274,29 @@ def check_adaptable(layers):
                 "LoRA adapts Dense, EinsumDense, Embedding and Conv1D/2D/3D layers "
                 "(groups=1) that are not adapted yet."
             )
+
+
+def lora_class_for(layer):
+    """The LoRA class that adapts `layer` (an exact adaptable type)."""
+    if isinstance(layer, RawWeight):
+        return LoRAExpertEinsum
+    if type(layer) is keras.layers.Dense:
+        return LoRADense
+    if type(layer) is keras.layers.EinsumDense:
+        return LoRAEinsumDense
+    if type(layer) is keras.layers.Embedding:
+        return LoRAEmbedding
+    if isinstance(layer, keras.layers.Embedding) and is_adaptable(layer):
+        return LoRAReversibleEmbedding
+    conv = {
+        keras.layers.Conv1D: LoRAConv1D,
+        keras.layers.Conv2D: LoRAConv2D,
+        keras.layers.Conv3D: LoRAConv3D,
+    }.get(type(layer))
+    if conv is not None:
+        return conv
+    raise ValueError(
+        f"Layer '{describe(layer)}' of type {type(layer).__name__} "
+        "cannot be adapted: LoRA adapts Dense, EinsumDense, Embedding and "
+        "Conv1D/2D/3D layers."
+    )

@@ -5,8 +5,8 @@ object, new class, two new variables), so every reference to it stays valid:
 Functional graph nodes, KerasHub attention blocks, user attributes. It freezes
 everything else at the variable level and records what it did as a JSON spec
 on the model (see `adapted_model.py`), which `model.save`, `save_adapter` and
-`merge_lora` read. (`disable_lora` is in `disable.py`, the trainable flags
-and compiled state in `trainable_state.py`.)
+`merge_lora` read. (`disable_lora`: `disable.py`; trainable flags and
+compiled state: `trainable_state.py`.)
 """
 
 import keras
@@ -14,15 +14,11 @@ import keras
 from keras_lora import adapted_model, atomic, lora_init, patterns
 from keras_lora import targets as targets_lib
 from keras_lora.layers import lora_math, quantized_backward
-from keras_lora.layers.conv import LoRAConv1D, LoRAConv2D, LoRAConv3D
-from keras_lora.layers.dense import LoRADense
-from keras_lora.layers.einsum_dense import LoRAEinsumDense
-from keras_lora.layers.embedding import LoRAEmbedding
-from keras_lora.layers.expert_einsum import LoRAExpertEinsum
 from keras_lora.layers.lora_layer import LoRALayer
 from keras_lora.model_paths import layers_by_path, path_checker
 from keras_lora.raw_weights import RawWeight, raw_weights, targets_by_path
 from keras_lora.spec import SPEC_VERSION, check_layer_matches
+from keras_lora.targets import lora_class_for
 from keras_lora.trainable_state import (
     fresh_optimizer,
     reset_compiled_functions,
@@ -45,34 +41,6 @@ _MODEL_ATTRIBUTES = (
     "_keras_lora_function_key",
     "_keras_lora_ids_variable",
 )
-
-
-def lora_class_for(layer):
-    """The LoRA class that adapts `layer` (an exact adaptable type)."""
-    if isinstance(layer, RawWeight):
-        return LoRAExpertEinsum
-    if type(layer) is keras.layers.Dense:
-        return LoRADense
-    if type(layer) is keras.layers.EinsumDense:
-        return LoRAEinsumDense
-    if type(layer) is keras.layers.Embedding:
-        return LoRAEmbedding
-    if isinstance(layer, keras.layers.Embedding) and targets_lib.is_adaptable(layer):
-        from keras_lora.layers.embedding import LoRAReversibleEmbedding
-
-        return LoRAReversibleEmbedding
-    conv = {
-        keras.layers.Conv1D: LoRAConv1D,
-        keras.layers.Conv2D: LoRAConv2D,
-        keras.layers.Conv3D: LoRAConv3D,
-    }.get(type(layer))
-    if conv is not None:
-        return conv
-    raise ValueError(
-        f"Layer '{targets_lib.describe(layer)}' of type {type(layer).__name__} "
-        "cannot be adapted: LoRA adapts Dense, EinsumDense, Embedding and "
-        "Conv1D/2D/3D layers."
-    )
 
 
 def enable_lora(
@@ -101,6 +69,7 @@ def enable_lora(
             has no attention, an error if it has convolutions), `"all-linear"`,
             `"all-conv"`, a list of layer names or regular expressions matched
             in full against `layer.path`, or a callable `layer -> bool`.
+            (MoE experts: `targets.py`.)
         dropout: float in [0, 1), dropout on each LoRA path's input.
         train_layers: layers whose own weights stay trainable (e.g. a task
             head), with the same matching rules as `targets`; None for none.
