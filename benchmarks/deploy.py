@@ -11,7 +11,6 @@ figure is the ratio of the medians (target: <= 1.3).
 """
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -22,7 +21,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import keras_lora  # noqa: E402
-from benchmarks import models, timing  # noqa: E402
+from benchmarks import device, models, timing  # noqa: E402
 from benchmarks.named_adapters import add_random_adapters  # noqa: E402
 
 
@@ -96,11 +95,7 @@ def main(argv=None):
         "multi / merged (cpu)": multi["cpu_s"] / merged["cpu_s"],
         "max |artifact - adapter alone|": error,
     }
-    print(json.dumps(report, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
-    return report
+    return device.print_and_write(report, args.json)
 
 
 if __name__ == "__main__":

@@ -63,9 +63,11 @@ def peak_memory_bytes():
 def print_and_write(results, path=None):
     """Prints `results` as JSON and, with a `path`, writes them there too."""
     import json
+    import os
 
     print(json.dumps(results, indent=1))
     if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(path, "w") as f:
             json.dump(results, f, indent=1)
     return results

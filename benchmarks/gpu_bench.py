@@ -125,7 +125,6 @@ def llama_child(name, tiny):
     """Prints the device peak of two training steps of a Llama-3.2-1B-shaped
     causal LM (child process): full fine-tuning, or int4 base + LoRA rank 8
     on every linear layer with the chunked loss (the QLoRA recipe)."""
-    import keras
     import keras_hub
     import numpy as np
 
@@ -138,11 +137,7 @@ def llama_child(name, tiny):
     if name != LLAMA_VARIANTS[0]:
         backbone.quantize("int4")
         keras_lora.enable_lora(backbone, rank=8, targets="all-linear")
-    model.compile(
-        optimizer=keras.optimizers.AdamW(1e-4),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        weighted_metrics=[],
-    )
+    models.compile_causal_lm(model)
     if name != LLAMA_VARIANTS[0]:
         keras_lora.use_chunked_loss(model, chunk_size=min(128, seq))
     rng = np.random.default_rng(0)

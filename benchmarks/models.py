@@ -136,3 +136,18 @@ def make_variant(method, targets, config, seed=0, dropout=0.1, jit_compile=True)
 
 def trainable_count(model):
     return int(sum(np.prod(v.shape) for v in model.trainable_weights))
+
+
+def compile_causal_lm(model, optimizer=None):
+    """Compiles a KerasHub causal LM as its `fit` is benchmarked: KerasHub's
+    loss (sparse cross-entropy on logits) and no metric.
+
+    Args:
+        optimizer: default `AdamW(1e-4)`.
+    """
+    model.compile(
+        optimizer=optimizer or keras.optimizers.AdamW(1e-4),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        weighted_metrics=[],
+    )
+    return model

@@ -20,8 +20,6 @@ weights built from a config:
 """
 
 import argparse
-import json
-import os
 
 import numpy as np
 
@@ -52,16 +50,6 @@ def causal_lm(shape, seed=0):
     return keras_hub.models.MixtralCausalLM(backbone=backbone, preprocessor=None)
 
 
-def compile_lm(model, learning_rate=1e-3):
-    import keras
-
-    model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        weighted_metrics=[],
-    )
-
-
 def without_recipes(model):
     """Gives each expert bank a subclass keras-lora has no recipe for."""
     from keras_lora.layers import expert_bank
@@ -76,12 +64,12 @@ def paths(rounds):
     import keras
 
     import keras_lora
-    from benchmarks import timing
+    from benchmarks import models, timing
 
     rng = np.random.default_rng(0)
     tokens = rng.integers(1, PATHS_SHAPE["vocabulary_size"], (BATCH, SEQ))
     x = {"token_ids": tokens, "padding_mask": np.ones_like(tokens)}
-    models, results = {}, {}
+    built, results = {}, {}
     for variant in ("factored", "generic"):
         model = causal_lm(PATHS_SHAPE)
         if variant == "generic":
@@ -89,8 +77,8 @@ def paths(rounds):
         keras_lora.enable_lora(model, rank=8, targets=EXPERT_TARGETS)
         layers = keras_lora.lora_layers(model)
         assert all(layer.factored == (variant == "factored") for layer in layers)
-        compile_lm(model)
-        models[variant] = model
+        models.compile_causal_lm(model, keras.optimizers.Adam(1e-3))
+        built[variant] = model
         results[variant] = {}
         if keras.backend.backend() == "jax":
             from benchmarks.step_memory import step_footprint
@@ -101,12 +89,12 @@ def paths(rounds):
             )
     steps = {
         name: (lambda m=model: float(m.train_on_batch(x, tokens)))
-        for name, model in models.items()
+        for name, model in built.items()
     }
     for step in steps.values():  # compile outside the timed rounds
         step()
     wall, _ = timing.interleaved(steps, rounds)
-    for name in models:
+    for name in built:
         results[name]["step_ms"] = 1000 * timing.median(wall[name])
     factored, generic = results["factored"], results["generic"]
     ratios = {"step_time": factored["step_ms"] / generic["step_ms"]}
@@ -117,7 +105,10 @@ def paths(rounds):
 
 
 def learning(epochs, batches):
+    import keras
+
     import keras_lora
+    from benchmarks import models
     from keras_lora import demo_data
 
     tokenizer = demo_data.build_tokenizer(
@@ -136,7 +127,7 @@ def learning(epochs, batches):
     for name, arguments in variants.items():
         model = causal_lm(shape)
         keras_lora.enable_lora(model, **arguments)
-        compile_lm(model, learning_rate=1e-2)
+        models.compile_causal_lm(model, keras.optimizers.Adam(1e-2))
         trainable = int(sum(np.prod(v.shape) for v in model.trainable_weights))
         history = model.fit(x, y, batch_size=BATCH, epochs=epochs, verbose=0)
         experts = [
@@ -178,13 +169,7 @@ def main(argv=None):
         report["paths"] = paths(args.rounds)
     if "learning" in sections:
         report["learning"] = learning(args.epochs, args.batches)
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write(text)
-    return report
+    return device.print_and_write(report, args.out)
 
 
 if __name__ == "__main__":

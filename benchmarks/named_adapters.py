@@ -15,7 +15,6 @@ rank 8), in one process:
 """
 
 import argparse
-import json
 import os
 import sys
 
@@ -25,7 +24,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import keras_lora  # noqa: E402
-from benchmarks import models, timing  # noqa: E402
+from benchmarks import device, models, timing  # noqa: E402
 
 
 def add_random_adapters(model, count, rank, seed=0):
@@ -134,11 +133,7 @@ def main(argv=None):
             config, [1, 4] if args.smoke else [1, 4, 16]
         ),
     }
-    print(json.dumps(report, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
-    return report
+    return device.print_and_write(report, args.json)
 
 
 if __name__ == "__main__":

@@ -70,6 +70,7 @@ def build(variant, s, chunk):
     import keras_hub
 
     import keras_lora
+    from benchmarks import models
 
     keras.utils.set_random_seed(0)
     dtype = "bfloat16" if "bf16" in variant else "float32"
@@ -90,11 +91,7 @@ def build(variant, s, chunk):
         keras_lora.enable_lora(model, rank=s["rank"])
     elif variant.startswith("keras"):
         backbone.enable_lora(s["rank"])
-    model.compile(
-        optimizer=keras.optimizers.AdamW(1e-4),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        weighted_metrics=[],
-    )
+    models.compile_causal_lm(model)
     if variant.endswith("chunked"):
         keras_lora.use_chunked_loss(model, chunk_size=chunk)
     model.optimizer.build(model.trainable_variables)

@@ -30,9 +30,15 @@ from keras.src.export.export_utils import get_input_signature
 # under `keras.quantizers` (3.15).
 from keras.src.quantizers.quantizers import dequantize_with_sz_map
 
+# A layer created without a name is named `to_snake_case(class name)` plus
+# `_N` by Keras; `raw_weights.py` recognises such auto-named MoE blocks by the
+# same function. Not exported (3.15).
+from keras.src.utils.naming import to_snake_case
+
 __all__ = [
     "AutocastScope",
     "dequantize_with_sz_map",
     "get_input_signature",
     "set_keras_mask",
+    "to_snake_case",
 ]

@@ -11,6 +11,7 @@ import re
 
 import keras
 
+from keras_lora import keras_private
 from keras_lora.layers import expert_bank, expert_recipes
 from keras_lora.model_paths import layers_by_path, relative_path
 
@@ -81,9 +82,7 @@ def stable_paths(model):
 
 def _auto_named_attribute(parent, child):
     """The attribute of `parent` holding `child` if Keras named `child`."""
-    snake = re.sub(r"\W+", "", type(child).__name__)
-    snake = re.sub("(.)([A-Z][a-z]+)", r"\1_\2", snake)
-    snake = re.sub("([a-z])([A-Z])", r"\1_\2", snake).lower()
+    snake = keras_private.to_snake_case(type(child).__name__)
     if not re.fullmatch(re.escape(snake) + r"(_\d+)?", child.name):
         return None
     # On PyTorch, a sublayer attribute lives in the module's `_modules`.

@@ -7,6 +7,7 @@ mask to the next layer) and update `keras_lora/keras_private.py` only.
 
 import ast
 import os
+import re
 
 import keras
 import numpy as np
@@ -102,3 +103,16 @@ def test_dequantize_with_sz_map_gives_the_kernel_keras_computes_with():
     assert layer.kernel_zero is not None  # the grouped path
     kernel = ops.convert_to_numpy(quantized.dequantized_kernel(layer))
     np.testing.assert_allclose(x @ kernel, ops.convert_to_numpy(layer(x)), atol=1e-4)
+
+
+def test_an_unnamed_layer_is_named_by_to_snake_case():
+    """`raw_weights` names an unnamed MoE block by its attribute: it must
+    recognise Keras's automatic name (snake-case class name, `_N` after)."""
+
+    class MixtralSparseMoeBlock(keras.layers.Layer):
+        pass
+
+    snake = keras_private.to_snake_case("MixtralSparseMoeBlock")
+    assert snake == "mixtral_sparse_moe_block"
+    names = [MixtralSparseMoeBlock().name for _ in range(2)]
+    assert all(re.fullmatch(snake + r"(_\d+)?", name) for name in names), names

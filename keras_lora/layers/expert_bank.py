@@ -63,8 +63,7 @@ class LoRAExpertBank(ClassViewMixin):
         layer = self._lora_experts.by_attribute.get(attribute)
         if layer is not None and layer.factored:
             return layer(x)
-        recipe = expert_recipes.recipe_for(self._lora_bank_base)
-        return ops.einsum(recipe.weights[attribute], x, getattr(self, attribute))
+        return plain_project(self, self._lora_bank_base, attribute, x)
 
     def save_own_variables(self, store):
         self._lora_bank_base.save_own_variables(self, store)
@@ -91,6 +90,13 @@ class _Prefixed:
 
     def __getitem__(self, key):
         return self.store[self.prefix + key]
+
+
+def plain_project(bank, bank_class, attribute, x):
+    """The recipe's product of `x` with the weight `attribute`, as the bank's
+    own `call` computes it (no update)."""
+    equation = expert_recipes.recipe_for(bank_class).weights[attribute]
+    return ops.einsum(equation, x, getattr(bank, attribute))
 
 
 def original_class(bank):
@@ -171,8 +177,7 @@ def check_recipe(bank):
         x = ops.convert_to_tensor(rng.standard_normal((3, d_in)), bank.compute_dtype)
 
         def project(attribute, inputs):
-            weight = getattr(bank, attribute)
-            return ops.einsum(recipe.weights[attribute], inputs, weight)
+            return plain_project(bank, cls, attribute, inputs)
 
         try:
             expected = ops.convert_to_numpy(cls.call(bank, x)).astype("float32")
