@@ -22,11 +22,9 @@ def adapter_variables(model, name):
     by_path = model_paths.layers_by_path(model)
     entries = {}
     for path in spec["layers"]:
-        adapter = by_path[path].lora_adapter(name)
-        entries[f"{path}/lora_a"] = (adapter.a, None)
-        entries[f"{path}/lora_b"] = (adapter.b, None)
-        if by_path[path].use_dora:  # only a layer's one adapter can be DoRA
-            entries[f"{path}/lora_magnitude"] = (by_path[path].lora_magnitude, None)
+        stored = by_path[path].lora_adapter_file_variables(name)
+        for key, variable in stored.items():  # A, B (and DoRA's magnitude)
+            entries[f"{path}/{key}"] = (variable, None)
     heads = model._keras_lora_heads
     stored = heads["stored"].get(name, {})
     base = model._keras_lora_base_values or {}

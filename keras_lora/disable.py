@@ -4,10 +4,7 @@ import contextlib
 import warnings
 
 import keras
-import numpy as np
 
-from keras_lora import lora_init
-from keras_lora.layers import dora
 from keras_lora.model_paths import layers_by_path
 from keras_lora.transform import check_model, head_weights, lora_layers
 
@@ -37,25 +34,9 @@ def disable_lora(model):
     layers = lora_layers(model)
     if not layers:
         raise ValueError(f"Model '{model.name}' has no LoRA layer to disable.")
-    swaps = [
-        (adapter.b, np.zeros(adapter.b.shape, "float32"))
-        for layer in layers
-        if layer.lora_init is None
-        for adapter in map(layer.lora_adapter, layer.lora_adapter_names)
-    ]
-    # DoRA: with B = 0 the layer computes m·W/‖W‖, which is W when m = ‖W‖.
-    swaps += [
-        (layer.lora_magnitude, dora.base_norm(layer))
-        for layer in layers
-        if layer.use_dora and layer.lora_init is None
-    ]
-    # PiSSA/OLoRA: the kernel holds W_res; the starting factors give W back.
-    swaps += [
-        pair
-        for layer in layers
-        if layer.lora_init is not None
-        for pair in lora_init.original_base_swaps(layer)
-    ]
+    # B at zero; DoRA: m = ‖W‖ too; PiSSA/OLoRA: the starting factors (the
+    # kernel holds W_res). Each layer's variants say which (`variant.py`).
+    swaps = [pair for layer in layers for pair in layer.lora_base_swaps()]
     heads = getattr(model, "_keras_lora_heads", {"owner": {}})["owner"]
     owned = [path for path, owner in heads.items() if owner is not None]
     if owned:

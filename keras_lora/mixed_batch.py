@@ -119,9 +119,7 @@ def check_per_example(model, names):
             "there. Run each adapter's examples as a separate batch "
             "(`set_adapter`)."
         )
-    special = [
-        lyr for lyr in transform.lora_layers(model) if lyr.use_dora or lyr.lora_init
-    ]
+    special = [lyr for lyr in transform.lora_layers(model) if not lyr.lora_shares_layer]
     if special:
         raise ValueError(
             f"Model '{model.name}' has a DoRA or PiSSA/OLoRA layer "

@@ -28,6 +28,7 @@ from keras_lora import (
     atomic,
     model_paths,
     raw_weights,
+    spec_builder,
     targets,
     trainable_state,
     transform,
@@ -51,18 +52,7 @@ def active_adapters(model):
     return [(names[0], 1.0)] if active is None else list(active)
 
 
-def add_adapter(
-    model,
-    name,
-    rank=8,
-    alpha=None,
-    targets=None,
-    dropout=0.0,
-    train_layers=None,
-    use_rslora=False,
-    rank_pattern=None,
-    alpha_pattern=None,
-):
+def add_adapter(model, name, **options):
     """Adds a named LoRA adapter to a model, beside any it already has.
 
     On a model without LoRA this is `enable_lora` under another name, and the
@@ -73,9 +63,11 @@ def add_adapter(
     Args:
         model: a built Keras model.
         name: a new adapter name: 1-64 letters, digits or underscores.
-        rank, alpha, targets, dropout, train_layers, use_rslora,
-            rank_pattern, alpha_pattern: as in `enable_lora`; `targets` may
-            select layers other adapters adapt.
+        **options: `enable_lora`'s arguments (`rank`, `alpha`, `targets`,
+            `dropout`, `train_layers`, `use_rslora`, `rank_pattern`,
+            `alpha_pattern`; not `use_dora` or `init`, whose adapters are a
+            layer's only one), by keyword; `targets` may select layers other
+            adapters adapt.
 
     Returns:
         The same model.
@@ -89,10 +81,9 @@ def add_adapter(
     """
     check_adapter_name(name)
     transform.check_model(model)
-    arguments = (model, rank, alpha, targets, dropout, train_layers, use_rslora)
-    per_layer = {"rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern}
+    options = transform.adapter_options(options, "add_adapter")
     if not list_adapters(model):
-        spec = transform.build_spec(*arguments, **per_layer)
+        spec = spec_builder.build_spec(model, **options)
         transform.apply_spec(model, spec)
         rename_first(model, name)
         return model
@@ -101,7 +92,7 @@ def add_adapter(
             f"Model '{model.name}' already has an adapter named {name!r}. "
             f"Its adapters: {list_adapters(model)}"
         )
-    spec = transform.build_spec(*arguments, adapted_ok=True, **per_layer)
+    spec = spec_builder.build_spec(model, adapted_ok=True, **options)
     add_spec(model, name, spec)
     return model
 
@@ -122,7 +113,7 @@ def add_spec(model, name, spec):
 
 
 def _add_to_layer(layer, path, name, config):
-    if isinstance(layer, LoRALayer) and "_lora_primary" not in vars(layer):
+    if isinstance(layer, LoRALayer) and not layer.lora_primary_is_named:
         # A LoRA layer rebuilt from a saved Functional config: its primary
         # factors exist already and are this adapter's.
         check_layer_matches(layer, path, config, f"adapter {name!r}")
@@ -213,7 +204,7 @@ def set_adapter(model, names, weights=None):
             )
     if len({n for n, _ in pairs}) != len(pairs):
         raise ValueError(f"`names` repeats an adapter. Received: names={names!r}")
-    dora = [lyr for lyr in transform.lora_layers(model) if lyr.use_dora]
+    dora = [lyr for lyr in transform.lora_layers(model) if not lyr.lora_additive]
     if dora and pairs and pairs != [(dora[0].lora_primary, 1.0)]:
         raise ValueError(
             f"Model '{model.name}' uses DoRA (layer '{dora[0].path}'), whose "
@@ -294,7 +285,7 @@ def rename_first(model, name):
         if owner == "default":
             owners[path] = name
     for layer in transform.lora_layers(model):
-        if vars(layer).get("_lora_primary") == "default":
+        if layer.lora_primary_is_named and layer.lora_primary == "default":
             layer.set_lora_primary(name)
 
 

@@ -9,14 +9,16 @@ on the model (see `adapted_model.py`), which `model.save`, `save_adapter` and
 compiled state: `trainable_state.py`.)
 """
 
+import inspect
+
 import keras
 
-from keras_lora import adapted_model, atomic, lora_init, patterns
+from keras_lora import adapted_model, atomic, lora_init, spec_builder
 from keras_lora import targets as targets_lib
-from keras_lora.layers import lora_math, quantized_backward
+from keras_lora.layers import quantized_backward
 from keras_lora.layers.lora_layer import LoRALayer
-from keras_lora.model_paths import layers_by_path, path_checker
-from keras_lora.raw_weights import RawWeight, raw_weights, targets_by_path
+from keras_lora.model_paths import layers_by_path
+from keras_lora.raw_weights import targets_by_path
 from keras_lora.spec import SPEC_VERSION, check_layer_matches
 from keras_lora.targets import lora_class_for
 from keras_lora.trainable_state import (
@@ -113,8 +115,15 @@ def enable_lora(
         "use_dora": use_dora,
         "init": init if init in lora_init.RESIDUAL_INITS else None,
     }
-    spec = build_spec(
-        model, rank, alpha, targets, dropout, train_layers, use_rslora, **per_layer
+    spec = spec_builder.build_spec(
+        model,
+        rank=rank,
+        alpha=alpha,
+        targets=targets,
+        dropout=dropout,
+        train_layers=train_layers,
+        use_rslora=use_rslora,
+        **per_layer,
     )
     lora_init.check_residual_targets(model, spec)  # PiSSA/OLoRA: float kernels
     by_path = layers_by_path(model)
@@ -126,81 +135,29 @@ def enable_lora(
     return model
 
 
-def build_spec(
-    model,
-    rank,
-    alpha,
-    targets,
-    dropout,
-    train_layers,
-    use_rslora,
-    adapted_ok=False,
-    rank_pattern=None,
-    alpha_pattern=None,
-    use_dora=False,
-    init=None,
-):
-    """Checks `enable_lora`'s arguments and returns the spec they describe.
+def adapter_options(options, caller, excluded=("init", "use_dora")):
+    """`enable_lora`'s arguments (its defaults filled in) from `options`.
+
+    `enable_lora`'s signature declares them once; `add_adapter` takes them
+    by keyword, all but `excluded`.
 
     Args:
-        adapted_ok: let `targets` select layers that already are LoRA layers
-            (a further named adapter goes beside their existing ones).
-        rank_pattern, alpha_pattern: per-layer ranks and alphas
-            (`keras_lora/patterns.py`), recorded per layer in the spec.
-        use_dora: DoRA on every selected layer (recorded when True).
-        init: None, or a residual init (`"pissa"`/`"olora"`), recorded.
+        options: the arguments given, by keyword.
+        caller: the public function's name, for the message.
+        excluded: arguments `caller` does not take.
+
+    Returns:
+        A dict of every argument but `model` and `excluded`.
     """
-    rank = lora_math.check_rank(rank)
-    lora_math.check_alpha(alpha, rank)
-    dropout = lora_math.check_dropout(dropout)
-    if not isinstance(use_rslora, bool):
+    parameters = dict(inspect.signature(enable_lora).parameters)
+    known = [n for n in parameters if n != "model" and n not in excluded]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
         raise ValueError(
-            f"`use_rslora` must be a bool. Received: use_rslora={use_rslora!r}"
+            f"`{caller}` takes these arguments of `enable_lora`: {known}. "
+            f"Received: {', '.join(f'{n}={options[n]!r}' for n in unknown)}"
         )
-    if not isinstance(use_dora, bool):
-        raise ValueError(f"`use_dora` must be a bool. Received: use_dora={use_dora!r}")
-    selected = targets_lib.match_layers(model, targets, "targets")
-    targets_lib.check_adaptable(
-        [lyr for lyr in selected if not (adapted_ok and isinstance(lyr, LoRALayer))]
-    )
-    trained = (
-        targets_lib.match_layers(model, train_layers, "train_layers")
-        if train_layers is not None
-        else []
-    )
-    # A raw weight's layer trains all of it: `train_layers` names layers.
-    trained = [lyr for lyr in trained if not isinstance(lyr, RawWeight)]
-    overlap = [lyr for lyr in trained if any(lyr is s for s in selected)]
-    if overlap:
-        raise ValueError(
-            f"Layer '{targets_lib.describe(overlap[0])}' is in both `targets` and "
-            "`train_layers`: an adapted layer's base weights stay frozen."
-        )
-    patterns.check_patterns(rank_pattern, alpha_pattern)
-    unique_path = path_checker(model, raw_weights(model))
-    paths = [unique_path(lyr) for lyr in selected]
-    patterns.check_all_used(rank_pattern, "rank_pattern", paths)
-    patterns.check_all_used(alpha_pattern, "alpha_pattern", paths)
-    layers = {}
-    for path in paths:
-        layers[path] = {
-            "rank": patterns.pattern_value(rank_pattern, path, rank, "/"),
-            "alpha": patterns.pattern_value(alpha_pattern, path, alpha, "/"),
-            "dropout": dropout,
-            "use_rslora": use_rslora,
-        }
-        if use_dora:
-            layers[path]["use_dora"] = True
-        if init is not None:
-            layers[path]["init"] = init
-    return {
-        "version": SPEC_VERSION,
-        "targets": targets
-        if targets is None or isinstance(targets, str)
-        else (list(targets) if isinstance(targets, (list, tuple)) else "callable"),
-        "layers": layers,
-        "train_layers": [unique_path(lyr) for lyr in trained],
-    }
+    return {n: options.get(n, parameters[n].default) for n in known}
 
 
 def apply_spec(model, spec, trainable_state=None, keep_base_values=True):
@@ -314,10 +271,7 @@ def freeze_all_but(model, adapted, trained, factors=None):
 
 def trainable_lora_variables(layer):
     """The primary adapter's trained variables: A, B (and DoRA's magnitude)."""
-    trained = [layer.lora_a, layer.lora_b]
-    if layer.use_dora:
-        trained.append(layer.lora_magnitude)
-    return trained
+    return layer.lora_trained_variables()
 
 
 def _with_relatives(model, chosen):

@@ -267,3 +267,36 @@ def test_export_merges_the_chosen_adapter_or_weighted_set(two_tasks, tmp_path):
     np.testing.assert_allclose(to_numpy(plain(X)), half, atol=1e-5)
     assert np.abs(half - out_b).max() > 1e-3 and np.abs(half - base).max() > 1e-3
     keras_lora.set_adapter(model, "b")
+
+
+def test_an_adapter_with_dropout_trains_and_deletes_like_the_first():
+    # A further adapter's dropout seed used to be untracked: deleting it
+    # raised `list.remove(x): x not in list` (the first adapter's was tracked).
+    model = mlp()
+    keras_lora.add_adapter(model, "a", rank=2, dropout=0.1)
+    keras_lora.add_adapter(model, "b", rank=2, dropout=0.1)
+    hidden = model.get_layer("hidden")
+    seeds = list(hidden._seed_generators)
+    assert len(seeds) == 2
+    keras_lora.set_adapter(model, "b")
+    before = values(model)
+    train(model, TASK_B, epochs=2)  # A moves once B is not zero
+    after = values(model)
+    changed = {p for p in before if not np.array_equal(before[p], after[p])}
+    assert {"hidden/lora_a_b", "hidden/lora_b_b"} <= changed
+    assert not any(p.endswith(("lora_a", "lora_b")) for p in changed)
+    keras_lora.delete_adapter(model, "b")
+    assert keras_lora.list_adapters(model) == ["a"]
+    assert hidden._seed_generators == seeds[:1]
+    assert [v.name for v in hidden.weights] == ["kernel", "bias", "lora_a", "lora_b"]
+
+
+def test_add_adapter_takes_enable_lora_arguments_by_keyword():
+    model = mlp()
+    with pytest.raises(ValueError, match="use_dora=True"):
+        keras_lora.add_adapter(model, "a", use_dora=True)
+    with pytest.raises(ValueError, match="rnak=2"):
+        keras_lora.add_adapter(model, "a", rnak=2)
+    assert keras_lora.list_adapters(model) == []
+    keras_lora.add_adapter(model, "a", rank=2, targets=["hidden"])
+    assert model.get_layer("hidden").rank == 2

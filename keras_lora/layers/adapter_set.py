@@ -1,11 +1,14 @@
 """Several named adapters on one LoRA layer, and which of them are active.
 
-A LoRA layer's first adapter is its *primary* one: its factors are the
-variables `lora_a` / `lora_b` and its settings the layer's `rank`, `alpha`,
-`lora_scale`, `dropout` (what `enable_lora` made, and what a single-adapter
-user sees). Further adapters (`keras_lora.add_adapter`) are `Adapter` records
-with their own variables `lora_a_<name>` / `lora_b_<name>`, laid out like the
-primary ones with their own rank.
+Every adapter of a layer is an `Adapter` record (its settings, factors and
+dropout seed) in one ordered dict, `_lora_adapters`. The first one is the
+*primary* adapter: what `enable_lora` made, and what a single-adapter user
+sees as the layer's `lora_a`, `lora_b`, `rank`, `alpha`, `lora_scale`,
+`dropout` (properties reading that record). Its variables are called
+`lora_a` / `lora_b`; a further adapter's (`keras_lora.add_adapter`)
+`lora_a_<name>` / `lora_b_<name>`, laid out alike with its own rank. The
+records are replaced, never changed in place, so that `atomic.py` can put a
+layer back by restoring its attributes.
 
 Which adapters the forward pass adds is Python state on the layer
 (`_lora_active`): None means "the primary adapter alone", the fast path, which
@@ -17,13 +20,15 @@ per configuration (see `named_adapters.py`). Per-example adapters in one batch
 gather each example's factors (Punica's BGMV): see `_lora_mixed_delta`.
 """
 
+import contextlib
 import math
 import re
 
 import keras
 from keras import ops
 
-from keras_lora.layers import layouts, lora_math
+from keras_lora.layers import layouts, lora_math, variants
+from keras_lora.layers.lora_settings import LoRASettings
 
 _NAME = re.compile(r"[A-Za-z0-9_]{1,64}")
 
@@ -39,36 +44,53 @@ def check_adapter_name(name):
 
 
 class Adapter:
-    """One low-rank update of a layer: factors, rank, scale, dropout."""
+    """One low-rank update of a layer: its settings, factors and dropout seed.
 
-    def __init__(self, name, a, b, rank, alpha, dropout, use_rslora, seed_generator):
+    Args:
+        name: the adapter's name.
+        settings: its `LoRASettings`.
+        a, b: its factor variables (None until the layer makes them).
+        seed_generator: its dropout seed (None without dropout).
+    """
+
+    def __init__(self, name, settings, a=None, b=None, seed_generator=None):
         self.name = name
+        self.settings = settings
         self.a = a
         self.b = b
-        self.rank = rank
-        self.alpha_arg = alpha
-        self.alpha = lora_math.check_alpha(alpha, rank)
-        self.dropout = dropout
-        self.use_rslora = use_rslora
-        self.scale = lora_math.lora_scale(rank, self.alpha, use_rslora)
         self.seed_generator = seed_generator
+        # Plain attributes (read in every call), copied from the settings.
+        self.rank = settings.rank
+        self.alpha = settings.alpha
+        self.alpha_arg = settings.alpha_arg
+        self.dropout = settings.dropout
+        self.use_rslora = settings.use_rslora
+        self.scale = settings.scale
+
+    def replaced(self, **changes):
+        """A copy of this record with some fields changed."""
+        fields = {
+            "name": self.name,
+            "settings": self.settings,
+            "a": self.a,
+            "b": self.b,
+            "seed_generator": self.seed_generator,
+        }
+        return Adapter(**{**fields, **changes})
 
     def config(self):
-        return {
-            "rank": self.rank,
-            "alpha": self.alpha_arg,
-            "dropout": self.dropout,
-            "use_rslora": self.use_rslora,
-        }
+        """The settings a further adapter can differ in (`add_adapter`)."""
+        names = ("rank", "alpha", "dropout", "use_rslora")
+        return {n: v for n, v in self.settings.config().items() if n in names}
 
 
 class AdapterSet:
-    """Mixin of `LoRALayer`: named adapters beside the primary one."""
+    """Mixin of `LoRALayer`: its adapters, stored alike, and the active set."""
 
     # Python state, set on adapted layers only; class defaults keep a plain
     # single-adapter layer on the fast path.
-    _lora_primary = "default"
-    _lora_extra = None  # {name: Adapter}
+    _lora_adapters = None  # {name: Adapter}, the primary one first
+    _lora_named = False  # True once the model named the primary adapter
     _lora_active = None  # None: the primary alone; else ((name, weight), ...)
     _lora_example_ids = None  # int32 variable of per-example adapter indices
     _lora_example_names = ()  # the model's adapter names the ids index
@@ -76,51 +98,98 @@ class AdapterSet:
     @property
     def lora_adapter_names(self):
         """Names of this layer's adapters, the primary one first."""
-        return [self._lora_primary, *(self._lora_extra or {})]
+        return list(self._lora_adapters)
+
+    @property
+    def lora_primary(self):
+        """The name of the adapter whose factors are `lora_a` / `lora_b`."""
+        return next(iter(self._lora_adapters))
+
+    @property
+    def lora_primary_adapter(self):
+        """The primary `Adapter` record (what `enable_lora` made)."""
+        # Kept beside the dict: read several times in every call.
+        return self._lora_primary_record
 
     def lora_adapter(self, name):
-        """The `Adapter` record called `name` (the primary one as a view)."""
-        if name == self._lora_primary:
-            return Adapter(
-                name,
-                self.lora_a,
-                self.lora_b,
-                self.rank,
-                self._alpha_arg,
-                self.dropout,
-                self.use_rslora,
-                self.lora_seed_generator,
-            )
-        if name not in (self._lora_extra or {}):
+        """The `Adapter` record called `name`."""
+        if name not in self._lora_adapters:
             raise ValueError(
                 f"Layer '{self.path}' has no adapter {name!r}. Its adapters: "
                 f"{self.lora_adapter_names}"
             )
-        return self._lora_extra[name]
+        return self._lora_adapters[name]
 
-    def add_lora_adapter(
-        self,
-        name,
-        rank=8,
-        alpha=None,
-        dropout=0.0,
-        use_rslora=False,
-        a_initializer="he_uniform",
-        b_initializer="zeros",
-        use_dora=False,
-        init=None,
-    ):
+    def _lora_set_adapters(self, adapters):
+        # A new dict each time: `atomic.py` restores the old one on failure.
+        self._lora_set("_lora_adapters", dict(adapters))
+        self._lora_set("_lora_primary_record", next(iter(adapters.values())))
+
+    def _lora_make_factors(self, adapter):
+        """Adds `adapter`'s factor variables (and dropout seed) to the layer.
+
+        The primary adapter's are `lora_a` / `lora_b`, another's
+        `lora_a_<name>` / `lora_b_<name>`: one layout, each with its rank (A's
+        rank axis is last, B's follows its group axes).
+
+        Returns:
+            The record with its variables.
+        """
+        a_shape, b_shape, d_in, d_out = self._lora_layout()
+        lora_math.check_rank_fits(adapter.rank, d_in, d_out, self.name)
+        groups = self._lora_group_count()
+        a_shape = (*a_shape[:-1], adapter.rank)
+        b_shape = (*b_shape[:groups], adapter.rank, *b_shape[groups + 1 :])
+        primary = not self._lora_adapters or adapter.name == self.lora_primary
+        suffix = "" if primary else f"_{adapter.name}"
+        settings = adapter.settings
+        with self._lora_unlocked(), layouts.factor_layouts(self):
+            a = self._lora_add_float32(
+                f"lora_a{suffix}", a_shape, settings.a_initializer
+            )
+            b = self._lora_add_float32(
+                f"lora_b{suffix}", b_shape, settings.b_initializer
+            )
+            seed = None
+            if adapter.dropout > 0:
+                seed = keras.random.SeedGenerator(name=f"lora_seed{suffix}")
+                self._tracker.track(seed)
+        return adapter.replaced(a=a, b=b, seed_generator=seed)
+
+    def _lora_add_float32(self, name, shape, initializer, trainable=True):
+        # Float32 under every dtype policy: bf16 factors stop learning.
+        return self.add_weight(
+            name=name,
+            shape=shape,
+            initializer=initializer,
+            dtype="float32",
+            trainable=trainable,
+        )
+
+    @contextlib.contextmanager
+    def _lora_unlocked(self):
+        """Adding state to a built layer, as Keras's own `enable_lora` does."""
+        locked = self._tracker.locked
+        self._tracker.unlock()
+        try:
+            yield
+        finally:
+            if locked:
+                self._tracker.lock()
+
+    def add_lora_adapter(self, name, **settings):
         """Adds an adapter beside the existing ones (its update starts at 0).
 
         Args:
             name: a new adapter name (letters, digits, underscores).
-            rank, alpha, dropout, use_rslora, a_initializer, b_initializer:
-                as in the layer's constructor.
-            use_dora, init: must be False and None: DoRA and PiSSA/OLoRA
-                adapters are a layer's only adapter.
+            **settings: its `LoRASettings` (`rank`, `alpha`, `dropout`, ...).
+                `use_dora` and `init` must be False and None: DoRA and
+                PiSSA/OLoRA adapters are a layer's only adapter.
         """
         check_adapter_name(name)
-        if self.use_dora or use_dora or self.lora_init or init:
+        use_dora, init = settings.get("use_dora", False), settings.get("init")
+        wanted = variants.variants_for(use_dora, init)
+        if not all(v.shares_layer for v in (*self.lora_variants, *wanted)):
             raise ValueError(
                 f"Layer '{self.path}' cannot hold a further adapter {name!r} "
                 "beside a DoRA or PiSSA/OLoRA adapter: DoRA's update is not "
@@ -128,86 +197,35 @@ class AdapterSet:
                 f"use_dora={self.use_dora or use_dora}, "
                 f"init={self.lora_init or init!r}"
             )
-        if name in self.lora_adapter_names:
+        if name in self._lora_adapters:
             raise ValueError(f"Layer '{self.path}' already has adapter {name!r}.")
-        rank = lora_math.check_rank(rank)
-        lora_math.check_alpha(alpha, rank)
-        dropout = lora_math.check_dropout(dropout)
-        a_shape, b_shape, d_in, d_out = self._lora_layout()
-        lora_math.check_rank_fits(rank, d_in, d_out, self.name)
-        # Same layout as the primary factors, with this adapter's rank: A's
-        # rank axis is last, B's follows its group axes.
-        groups = self._lora_group_count()
-        a_shape = (*a_shape[:-1], rank)
-        b_shape = (*b_shape[:groups], rank, *b_shape[groups + 1 :])
-        locked = self._tracker.locked
-        self._tracker.unlock()
-        try:
-            with layouts.factor_layouts(self):  # follow the kernel's sharding
-                a = self.add_weight(
-                    name=f"lora_a_{name}",
-                    shape=a_shape,
-                    initializer=keras.initializers.get(a_initializer),
-                    dtype="float32",
-                )
-                b = self.add_weight(
-                    name=f"lora_b_{name}",
-                    shape=b_shape,
-                    initializer=keras.initializers.get(b_initializer),
-                    dtype="float32",
-                )
-            seed = (
-                keras.random.SeedGenerator(name=f"lora_seed_{name}")
-                if dropout > 0
-                else None
-            )
-        finally:
-            if locked:
-                self._tracker.lock()
-        extra = dict(self._lora_extra or {})
-        extra[name] = Adapter(name, a, b, rank, alpha, dropout, use_rslora, seed)
-        self._lora_set("_lora_extra", extra)
-        return extra[name]
+        adapter = self._lora_make_factors(Adapter(name, LoRASettings(**settings)))
+        self._lora_set_adapters({**self._lora_adapters, name: adapter})
+        return adapter
 
     def remove_lora_adapter(self, name):
         """Drops one adapter's variables; the primary one only if others remain
-        (the first of them becomes primary)."""
+        (the first of them becomes primary; its variables keep their names)."""
         adapter = self.lora_adapter(name)
-        extra = dict(self._lora_extra or {})
-        if name == self._lora_primary:
-            if not extra:
-                raise ValueError(
-                    f"Adapter {name!r} is the only one of layer '{self.path}': "
-                    "turn the layer back into its base class instead."
-                )
-            promoted = extra.pop(next(iter(extra)))
-            self._lora_promote(promoted)
-        else:
-            extra.pop(name)
-        for variable in (adapter.a, adapter.b):
-            self._untrack_variable(variable)
-        if adapter.seed_generator is not None:
-            self._seed_generators.remove(adapter.seed_generator)
-        self._lora_set("_lora_extra", extra)
+        if len(self._lora_adapters) == 1:
+            raise ValueError(
+                f"Adapter {name!r} is the only one of layer '{self.path}': "
+                "turn the layer back into its base class instead."
+            )
+        self._lora_untrack(adapter)
+        self._lora_set_adapters(
+            {n: a for n, a in self._lora_adapters.items() if n != name}
+        )
         if self._lora_active is not None:
             active = tuple((n, w) for n, w in self._lora_active if n != name)
             self.set_lora_active(active)
 
-    def _lora_promote(self, adapter):
-        """Makes `adapter` the primary one (its variables keep their names)."""
-        for attribute, value in (
-            ("lora_a", adapter.a),
-            ("lora_b", adapter.b),
-            ("rank", adapter.rank),
-            ("_alpha_arg", adapter.alpha_arg),
-            ("alpha", adapter.alpha),
-            ("dropout", adapter.dropout),
-            ("use_rslora", adapter.use_rslora),
-            ("lora_scale", adapter.scale),
-            ("lora_seed_generator", adapter.seed_generator),
-            ("_lora_primary", adapter.name),
-        ):
-            self._lora_set(attribute, value)
+    def _lora_untrack(self, adapter):
+        """Takes `adapter`'s variables and seed out of the layer's tracking."""
+        for variable in (adapter.a, adapter.b):
+            self._untrack_variable(variable)
+        if adapter.seed_generator is not None:
+            self._seed_generators.remove(adapter.seed_generator)
 
     def set_lora_active(self, active):
         """Sets which adapters the forward pass adds.
@@ -221,9 +239,9 @@ class AdapterSet:
             active = tuple((n, float(w)) for n, w in active)
             for name, _ in active:
                 self.lora_adapter(name)
-            if active == ((self._lora_primary, 1.0),):
+            if active == ((self.lora_primary, 1.0),):
                 active = None
-            if active and self.use_dora:
+            if active and not self.lora_variants[-1].additive:
                 raise ValueError(
                     f"Layer '{self.path}' uses DoRA, whose update is not "
                     "additive: it runs with its adapter at weight 1 or with "
@@ -262,8 +280,7 @@ class AdapterSet:
             return update(None)  # the primary adapter alone: the fast path
         total = None
         for name, weight in active:
-            primary = name == self._lora_primary
-            delta = update(None if primary else self.lora_adapter(name))
+            delta = update(self.lora_adapter(name))
             if weight != 1.0:
                 delta = ops.multiply(delta, ops.cast(weight, delta.dtype))
             total = delta if total is None else ops.add(total, delta)
@@ -272,7 +289,7 @@ class AdapterSet:
     def lora_active_pairs(self):
         """The active `(name, weight)` pairs, the fast path spelled out."""
         if self._lora_active is None:
-            return ((self._lora_primary, 1.0),)
+            return ((self.lora_primary, 1.0),)
         return self._lora_active
 
     def lora_update(self):

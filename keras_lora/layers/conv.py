@@ -11,7 +11,8 @@ convolutions (the kernel-shaped ΔW is never built in a step). A is stored as
 Keras's `BaseConv` keeps the number of spatial axes in `self.rank`, the name
 LoRA layers use for the LoRA rank (public API). The LoRA rank wins; Keras's
 own code (its `build` and `call`) runs in `base_call_scope`, where `rank`
-reads the spatial rank, and a merged layer gets it back.
+reads the spatial rank. Keras's value never leaves the instance's `__dict__`
+(the LoRA rank is the primary adapter's), so a merged layer still has it.
 """
 
 import math
@@ -43,43 +44,22 @@ def _check_groups(groups, name):
 class _LoRAConv(LoRALayer):
     """What the three convolution classes share."""
 
-    def __init__(
-        self,
-        filters,
-        kernel_size,
-        rank=8,
-        alpha=None,
-        dropout=0.0,
-        use_rslora=False,
-        a_initializer="he_uniform",
-        b_initializer="zeros",
-        use_dora=False,
-        init=None,
-        **kwargs,
-    ):
+    def __init__(self, filters, kernel_size, rank=8, alpha=None, **kwargs):
+        settings = self.lora_settings_from(kwargs, rank=rank, alpha=alpha)
         super().__init__(filters, kernel_size, **kwargs)
         _check_groups(self.groups, self.name)
-        self._init_lora(
-            rank,
-            alpha,
-            dropout,
-            use_rslora,
-            a_initializer,
-            b_initializer,
-            use_dora,
-            init,
-        )
+        self._init_lora(settings)
 
     # A property, read per thread: a call never changes the layer's state.
     @property
     def rank(self):
         """The LoRA rank; the number of spatial axes to Keras's own code."""
-        if in_base_call(self):
-            return len(self.kernel_size)
-        return stored_attribute(self, "rank")
+        if in_base_call(self) or self._lora_adapters is None:
+            return stored_attribute(self, "rank")  # Keras's, as it set it
+        return self.lora_primary_adapter.rank
 
     @rank.setter
-    def rank(self, value):
+    def rank(self, value):  # Keras's `BaseConv.__init__` sets the spatial rank
         self.__dict__["rank"] = value
 
     def build(self, input_shape):
@@ -88,21 +68,9 @@ class _LoRAConv(LoRALayer):
         self._build_lora()
 
     @classmethod
-    def adapt(cls, layer, *args, **kwargs):
+    def adapt(cls, layer, **settings):
         _check_groups(layer.groups, layer.path or layer.name)
-        spatial = layer.rank
-        try:
-            return super().adapt(layer, *args, **kwargs)
-        except Exception:
-            # A failed `adapt` leaves the LoRA rank in `rank`: put Keras's back.
-            layer.rank = spatial
-            raise
-
-    def unadapt(self, merge):
-        spatial = len(self.kernel_size)
-        super().unadapt(merge)
-        self.rank = spatial  # a plain conv again: Keras's meaning of `rank`
-        return self
+        return super().adapt(layer, **settings)
 
     def _lora_layout(self):
         in_channels = self._kernel.shape[-2]
@@ -174,16 +142,9 @@ _DOC = """{base} layer with a frozen kernel and a trainable rank-r update.
             `min(prod(kernel_size) * in_channels, filters)`).
         alpha: positive float or None; the update is scaled by `alpha / rank`.
             Defaults to `rank` (scale 1).
-        dropout: float in [0, 1), dropout on the LoRA path's input in training.
-        use_rslora: bool; scale by `alpha / sqrt(rank)` (rsLoRA) instead.
-        a_initializer: initializer of A (`"he_uniform"`).
-        b_initializer: initializer of B (`"zeros"`).
-        use_dora: bool; DoRA (weight-decomposed LoRA): a trainable magnitude
-            per output unit rescales W + s·ΔW (see `layers/dora.py`).
-        init: None, or `"pissa"`/`"olora"` to start the factors from W's
-            principal part and freeze the residual (see `lora_init.py`).
-        **kwargs: any `keras.layers.{base}` argument (`strides`, `padding`,
-            `data_format`, `dilation_rate`, `activation`, `name`, ...).
+        **kwargs: the other LoRA settings (`dropout`, `use_dora`, ...: see
+            `keras_lora.layers.lora_settings`) and any `keras.layers.{base}`
+            argument (`strides`, `padding`, `dilation_rate`, `activation`, ...).
 
     Example:
 

@@ -3,7 +3,7 @@
 import keras
 from keras import ops
 
-from keras_lora.layers import low_rank, quantized
+from keras_lora.layers import low_rank
 from keras_lora.layers.lora_layer import LoRALayer
 
 
@@ -29,16 +29,10 @@ class LoRADense(LoRALayer, keras.layers.Dense):
             `min(d_in, units)`).
         alpha: positive float or None; the update is scaled by `alpha / rank`.
             Defaults to `rank` (scale 1).
-        dropout: float in [0, 1), dropout on the LoRA path's input in training.
-        use_rslora: bool; scale by `alpha / sqrt(rank)` (rsLoRA) instead.
-        a_initializer: initializer of A (`"he_uniform"`).
-        b_initializer: initializer of B (`"zeros"`).
-        use_dora: bool; DoRA (weight-decomposed LoRA): a trainable magnitude
-            per output unit rescales W + s·ΔW (see `layers/dora.py`).
-        init: None, or `"pissa"`/`"olora"` to start the factors from W's
-            principal part and freeze the residual (see `lora_init.py`).
-        **kwargs: any `keras.layers.Dense` argument (`activation`,
-            `use_bias`, `kernel_initializer`, `name`, `dtype`, ...).
+        **kwargs: the other LoRA settings (`dropout`, `use_rslora`,
+            `a_initializer`, `b_initializer`, `use_dora`, `init`: see
+            `keras_lora.layers.lora_settings`) and any `keras.layers.Dense`
+            argument (`activation`, `use_bias`, `name`, `dtype`, ...).
 
     Example:
 
@@ -50,42 +44,14 @@ class LoRADense(LoRALayer, keras.layers.Dense):
 
     _lora_base = keras.layers.Dense
 
-    def __init__(
-        self,
-        units,
-        rank=8,
-        alpha=None,
-        dropout=0.0,
-        use_rslora=False,
-        a_initializer="he_uniform",
-        b_initializer="zeros",
-        use_dora=False,
-        init=None,
-        **kwargs,
-    ):
+    def __init__(self, units, rank=8, alpha=None, **kwargs):
+        settings = self.lora_settings_from(kwargs, rank=rank, alpha=alpha)
         super().__init__(units, **kwargs)
-        self._init_lora(
-            rank,
-            alpha,
-            dropout,
-            use_rslora,
-            a_initializer,
-            b_initializer,
-            use_dora,
-            init,
-        )
+        self._init_lora(settings)
 
     def build(self, input_shape):
         super().build(input_shape)
         self._build_lora()
-
-    def _lora_layout(self):
-        d_in, d_out = quantized.kernel_shape(self)
-        return (d_in, self.rank), (self.rank, d_out), d_in, d_out
-
-    @property
-    def lora_merge_equation(self):
-        return "ir,ro->io"
 
     def _lora_base_outputs(self, base_call, inputs, training):
         if base_call is not keras.layers.Dense.call:

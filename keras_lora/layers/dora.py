@@ -26,10 +26,11 @@ from keras import ops
 
 from keras_lora import keras_private
 from keras_lora.layers import lora_math, quantized
+from keras_lora.layers.variant import LoRAVariant
 
 
-def check_use_dora(use_dora, layer):
-    """Returns `use_dora` if it is a bool this layer type supports."""
+def check_use_dora(use_dora, layer=None):
+    """Returns `use_dora` if it is a bool (that `layer`'s type supports)."""
     if not isinstance(use_dora, bool):
         raise ValueError(f"`use_dora` must be a bool. Received: use_dora={use_dora!r}")
     if use_dora and isinstance(layer, keras.layers.Embedding):
@@ -63,14 +64,7 @@ def adapted_weight(layer, kernel=None):
     with keras_private.AutocastScope(None):
         if kernel is None:
             kernel = layer._lora_float_kernel()
-        return lora_math.merged_kernel(
-            kernel,
-            layer.lora_a,
-            layer.lora_b,
-            layer.lora_merge_equation,
-            layer.lora_scale,
-            dtype="float32",
-        )
+        return lora_math.layer_merged_kernel(layer, kernel, "float32")
 
 
 def weight_norm(layer):
@@ -125,3 +119,40 @@ def merged_kernel(layer, kernel, dtype):
     norm = column_norm(layer, merged, keepdims=True)
     magnitude = ops.reshape(layer.lora_magnitude, norm.shape)
     return ops.cast(ops.multiply(merged, ops.divide(magnitude, norm)), dtype)
+
+
+class DoRA(LoRAVariant):
+    """DoRA as a variant: a magnitude per output unit, the update above."""
+
+    additive = False
+    shares_layer = False
+
+    def check(self, layer):
+        check_use_dora(True, layer)
+
+    def build(self, layer):
+        with layer._lora_unlocked():
+            layer.lora_magnitude = layer._lora_add_float32(
+                "lora_magnitude", magnitude_shape(layer), "zeros"
+            )
+        reset_magnitude(layer)
+
+    def state_variables(self, layer):
+        return {"lora_magnitude": layer.lora_magnitude}
+
+    def trained_variables(self, layer):
+        return [layer.lora_magnitude]
+
+    def adapter_file_variables(self, layer):
+        return self.state_variables(layer)
+
+    def base_swaps(self, layer):
+        # With B = 0 the layer computes m·W/‖W‖, which is W when m = ‖W‖.
+        zero_b = super().base_swaps(layer)
+        return [*zero_b, (layer.lora_magnitude, base_norm(layer))]
+
+    def outputs(self, layer, base_call, base_outputs, inputs, training):
+        return outputs(layer, base_call, base_outputs, inputs, training)
+
+    def merged_kernel(self, layer, kernel, dtype):
+        return merged_kernel(layer, kernel, dtype or kernel.dtype)

@@ -109,15 +109,9 @@ class LoRAEinsumDense(LoRALayer, keras.layers.EinsumDense):
         output_shape: the output shape, as for `EinsumDense`.
         rank: positive int, at most `min(d_in, d_out)` of the flattened axes.
         alpha: positive float or None (defaults to `rank`); scale alpha/rank.
-        dropout: float in [0, 1), dropout on the LoRA path's input in training.
-        use_rslora: bool; scale by `alpha / sqrt(rank)` instead.
-        a_initializer: initializer of A (`"he_uniform"`).
-        b_initializer: initializer of B (`"zeros"`).
-        use_dora: bool; DoRA (weight-decomposed LoRA): a trainable magnitude
-            per output unit rescales W + s·ΔW (see `layers/dora.py`).
-        init: None, or `"pissa"`/`"olora"` to start the factors from W's
-            principal part and freeze the residual (see `lora_init.py`).
-        **kwargs: any `EinsumDense` argument (`bias_axes`, `activation`, ...).
+        **kwargs: the other LoRA settings (`dropout`, `use_dora`, ...: see
+            `keras_lora.layers.lora_settings`) and any `EinsumDense` argument
+            (`bias_axes`, `activation`, ...).
 
     Example:
 
@@ -132,32 +126,11 @@ class LoRAEinsumDense(LoRALayer, keras.layers.EinsumDense):
 
     _lora_base = keras.layers.EinsumDense
 
-    def __init__(
-        self,
-        equation,
-        output_shape,
-        rank=8,
-        alpha=None,
-        dropout=0.0,
-        use_rslora=False,
-        a_initializer="he_uniform",
-        b_initializer="zeros",
-        use_dora=False,
-        init=None,
-        **kwargs,
-    ):
+    def __init__(self, equation, output_shape, rank=8, alpha=None, **kwargs):
         split_einsum_equation(equation)  # fail early on an unsupported equation
+        settings = self.lora_settings_from(kwargs, rank=rank, alpha=alpha)
         super().__init__(equation, output_shape, **kwargs)
-        self._init_lora(
-            rank,
-            alpha,
-            dropout,
-            use_rslora,
-            a_initializer,
-            b_initializer,
-            use_dora,
-            init,
-        )
+        self._init_lora(settings)
 
     def build(self, input_shape):
         super().build(input_shape)

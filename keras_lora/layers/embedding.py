@@ -4,7 +4,7 @@ import keras
 from keras import ops
 
 from keras_lora.keras_private import set_keras_mask
-from keras_lora.layers import quantized, quantized_backward
+from keras_lora.layers import quantized_backward
 from keras_lora.layers.base_call import base_call_scope, hidden_in_base_call
 from keras_lora.layers.lora_layer import LoRALayer
 
@@ -19,43 +19,19 @@ class _LoRALookup(LoRALayer):
 
     _lora_kernel_attr = "_embeddings"
 
-    def __init__(
-        self,
-        input_dim,
-        output_dim,
-        rank=8,
-        alpha=None,
-        dropout=0.0,
-        use_rslora=False,
-        a_initializer=EMBEDDING_A_INITIALIZER,
-        b_initializer=EMBEDDING_B_INITIALIZER,
-        use_dora=False,
-        init=None,
-        **kwargs,
-    ):
+    lora_default_settings = {
+        "a_initializer": EMBEDDING_A_INITIALIZER,
+        "b_initializer": EMBEDDING_B_INITIALIZER,
+    }
+
+    def __init__(self, input_dim, output_dim, rank=8, alpha=None, **kwargs):
+        settings = self.lora_settings_from(kwargs, rank=rank, alpha=alpha)
         super().__init__(input_dim, output_dim, **kwargs)
-        self._init_lora(
-            rank,
-            alpha,
-            dropout,
-            use_rslora,
-            a_initializer,
-            b_initializer,
-            use_dora,
-            init,
-        )
+        self._init_lora(settings)
 
     def build(self, input_shape=None):
         super().build(input_shape)
         self._build_lora()
-
-    def _lora_layout(self):
-        d_in, d_out = quantized.kernel_shape(self)
-        return (d_in, self.rank), (self.rank, d_out), d_in, d_out
-
-    @property
-    def lora_merge_equation(self):
-        return "ir,ro->io"
 
     def call(self, inputs, training=None):
         return self._lora_forward(keras.layers.Embedding.call, inputs, training)
@@ -76,31 +52,6 @@ class _LoRALookup(LoRALayer):
         a, b = self._lora_factors(adapter)
         low_rank = self._lora_input(ops.take(a, inputs, axis=0), training, adapter)
         return ops.matmul(self._scaled(low_rank, adapter), b)
-
-    @classmethod
-    def adapt(
-        cls,
-        layer,
-        rank=8,
-        alpha=None,
-        dropout=0.0,
-        use_rslora=False,
-        a_initializer=EMBEDDING_A_INITIALIZER,
-        b_initializer=EMBEDDING_B_INITIALIZER,
-        use_dora=False,
-        init=None,
-    ):
-        return super().adapt(
-            layer,
-            rank,
-            alpha,
-            dropout,
-            use_rslora,
-            a_initializer,
-            b_initializer,
-            use_dora,
-            init,
-        )
 
 
 @keras.saving.register_keras_serializable(package="keras_lora")
@@ -124,11 +75,10 @@ class LoRAEmbedding(_LoRALookup, keras.layers.Embedding):
         output_dim: int, embedding size.
         rank: positive int, at most `min(input_dim, output_dim)`.
         alpha: positive float or None (defaults to `rank`).
-        dropout: float in [0, 1).
-        use_rslora: bool; scale by `alpha / sqrt(rank)` instead.
-        a_initializer: initializer of the gathered factor A (`"zeros"`).
-        b_initializer: initializer of B (normal, stddev 1).
-        **kwargs: any `keras.layers.Embedding` argument.
+        **kwargs: the other LoRA settings (`dropout`, `use_rslora`, and the
+            initializers, whose defaults here are A zeros and B normal with
+            stddev 1: see `keras_lora.layers.lora_settings`) and any
+            `keras.layers.Embedding` argument.
 
     Example:
 

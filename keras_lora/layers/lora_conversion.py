@@ -6,28 +6,17 @@ the factors; `merge_lora` folds the update in and gives the layer its class
 back, with no LoRA attribute left (`LORA_ATTRIBUTES`).
 """
 
-from keras_lora import lora_init
 from keras_lora.layers import quantized
 
 # Instance attributes a LoRA layer adds to its base layer.
 LORA_ATTRIBUTES = (
-    "rank",
-    "alpha",
-    "_alpha_arg",
-    "dropout",
-    "use_rslora",
-    "use_dora",
-    "lora_init",
-    "a_initializer",
-    "b_initializer",
-    "lora_scale",
-    "lora_seed_generator",
     "_lora_base_class",
     "_lora_equations",
     "_lora_keras_quantize",
-    # Named adapters (adapter_set.py).
-    "_lora_primary",
-    "_lora_extra",
+    # The adapters and which are active (adapter_set.py).
+    "_lora_adapters",
+    "_lora_primary_record",
+    "_lora_named",
     "_lora_active",
     "_lora_example_ids",
     "_lora_example_names",
@@ -37,26 +26,18 @@ LORA_ATTRIBUTES = (
 class LoRAConversion:
     """Mixin of `LoRALayer`: `adapt` (classmethod) and `unadapt`."""
 
+    # Settings this layer type starts from unless given (`LoRASettings`).
+    lora_default_settings = {}
+
     # In-place conversion, used by `enable_lora` and `merge_lora`.
     @classmethod
-    def adapt(
-        cls,
-        layer,
-        rank=8,
-        alpha=None,
-        dropout=0.0,
-        use_rslora=False,
-        a_initializer="he_uniform",
-        b_initializer="zeros",
-        use_dora=False,
-        init=None,
-    ):
+    def adapt(cls, layer, **settings):
         """Turns a built base layer into this LoRA class, in place.
 
         Args:
             layer: a built instance of this class's base (e.g. `Dense`).
-            rank, alpha, dropout, use_rslora, a_initializer, b_initializer,
-            use_dora, init: as in the constructor.
+            **settings: the primary adapter's `LoRASettings`, as in the
+                constructor.
 
         Returns:
             The same `layer` object, now an instance of `cls`.
@@ -79,16 +60,7 @@ class LoRAConversion:
         base_class = type(layer)
         layer.__class__ = cls
         try:
-            layer._init_lora(
-                rank,
-                alpha,
-                dropout,
-                use_rslora,
-                a_initializer,
-                b_initializer,
-                use_dora,
-                init,
-            )
+            layer._init_lora({**cls.lora_default_settings, **settings})
             layer._build_lora()
         except Exception:
             layer.__class__ = base_class
@@ -127,23 +99,21 @@ class LoRAConversion:
                 self, base_class, self.merged_kernel(), self.quantization_mode
             )
             quantized.assign_from(self, twin)
-        elif self.lora_init is not None and self.quantization_mode is None:
-            # PiSSA/OLoRA: dropping the update means the original W, whose
-            # principal part the starting factors hold.
-            self.lora_base_kernel.assign(lora_init.original_kernel(self))
+        else:
+            # Dropping the update: the base most variants leave as it is;
+            # PiSSA/OLoRA's original W (its principal part is in A0, B0).
+            for variant in self.lora_variants:
+                kernel = variant.kernel_without_update(self)
+                if kernel is not None:
+                    self.lora_base_kernel.assign(kernel)
         if "_lora_keras_quantize" in self.__dict__:
             self.__dict__["quantize"] = self._lora_keras_quantize
         # Untrack the factors so that `weights` is what it was before.
-        for adapter in (self._lora_extra or {}).values():
-            for variable in (adapter.a, adapter.b):
-                self._untrack_variable(variable)
-            if adapter.seed_generator is not None:
-                self._seed_generators.remove(adapter.seed_generator)
-        for name in ("lora_a", "lora_b", *self.lora_state_variables()):
+        for adapter in self._lora_adapters.values():
+            self._lora_untrack(adapter)
+        for name in self.lora_state_variables():
             self._untrack_variable(getattr(self, name))
             object.__delattr__(self, name)
-        if self.lora_seed_generator is not None:
-            self._seed_generators.remove(self.lora_seed_generator)
         # Leave no LoRA attribute behind on the plain layer.
         for name in LORA_ATTRIBUTES:
             self.__dict__.pop(name, None)

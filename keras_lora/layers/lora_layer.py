@@ -17,20 +17,17 @@ KerasHub block stays valid) and turn back into its base class (`merge_lora`):
 import keras
 from keras import ops
 
-from keras_lora import lora_init
 from keras_lora.class_view import ClassViewMixin
 from keras_lora.layers import (
-    dora,
-    layouts,
-    lora_math,
     low_rank,
     quantized,
     quantized_backward,
 )
-from keras_lora.layers.adapter_set import AdapterSet
+from keras_lora.layers.adapter_set import Adapter, AdapterSet
 from keras_lora.layers.base_call import base_call_scope, hidden_in_base_call
 from keras_lora.layers.lora_conversion import LoRAConversion
 from keras_lora.layers.lora_saving import LoRASaving
+from keras_lora.layers.lora_settings import LoRASettings
 from keras_lora.layers.protocol import LoRAProtocol
 
 
@@ -41,111 +38,74 @@ class LoRALayer(ClassViewMixin, LoRAProtocol, AdapterSet, LoRASaving, LoRAConver
     _lora_base = None
     _lora_kernel_attr = "_kernel"
 
-    def _init_lora(
-        self,
-        rank,
-        alpha,
-        dropout,
-        use_rslora,
-        a_initializer,
-        b_initializer,
-        use_dora=False,
-        init=None,
-    ):
+    def lora_settings_from(self, kwargs, **given):
+        """The LoRA settings in a constructor's `kwargs` (taken out of it),
+        over this layer type's defaults; see `LoRASettings`."""
+        defaults = self.lora_default_settings
+        return LoRASettings.pop_from(kwargs, defaults, **given)
+
+    def _init_lora(self, settings):
+        """Records the primary adapter's settings (a dict of `LoRASettings`)."""
         if getattr(self, "lora_rank", None):
             raise ValueError(
                 "`lora_rank` (Keras's built-in LoRA) cannot be combined with "
                 f"{type(self).__name__}; use `rank`. "
                 f"Received: lora_rank={self.lora_rank}"
             )
-        self.rank = lora_math.check_rank(rank)
-        # `alpha` is kept as given (None means "equal to rank") for get_config.
-        self._alpha_arg = alpha
-        self.alpha = lora_math.check_alpha(alpha, self.rank)
-        self.dropout = lora_math.check_dropout(dropout)
-        if not isinstance(use_rslora, bool):
-            raise ValueError(
-                f"`use_rslora` must be a bool. Received: use_rslora={use_rslora!r}"
-            )
-        self.use_rslora = use_rslora
-        self.use_dora = dora.check_use_dora(use_dora, self)
-        self.lora_init = lora_init.check_layer_init(init, self)
-        self.a_initializer = keras.initializers.get(a_initializer)
-        self.b_initializer = keras.initializers.get(b_initializer)
-        self.lora_scale = lora_math.lora_scale(self.rank, self.alpha, use_rslora)
+        settings = LoRASettings(**settings)
+        for variant in settings.variants:
+            variant.check(self)
+        self._lora_set_adapters({"default": Adapter("default", settings)})
 
     def _build_lora(self):
-        """Freezes the base variables and adds the factors (and dropout seed)."""
+        """Freezes the base variables and adds the primary adapter's factors
+        and its variants' state (DoRA's magnitude, PiSSA/OLoRA's start)."""
         quantized.check_mode(self.quantization_mode, self.name)
-        a_shape, b_shape, d_in, d_out = self._lora_layout()
-        lora_math.check_rank_fits(self.rank, d_in, d_out, self.name)
         for variable in self.weights:
             variable.trainable = False
-        # Adding state to a built layer is what Keras's own `enable_lora` does.
-        locked = self._tracker.locked
-        self._tracker.unlock()
-        try:
-            with layouts.factor_layouts(self):  # follow the kernel's sharding
-                # Float32 under every dtype policy: bf16 factors stop learning.
-                self.lora_a = self.add_weight(
-                    name="lora_a",
-                    shape=a_shape,
-                    initializer=self.a_initializer,
-                    dtype="float32",
-                    trainable=True,
-                )
-                self.lora_b = self.add_weight(
-                    name="lora_b",
-                    shape=b_shape,
-                    initializer=self.b_initializer,
-                    dtype="float32",
-                    trainable=True,
-                )
-                if self.lora_init is not None:
-                    # PiSSA/OLoRA: the factors' starting values, kept (frozen)
-                    # to save adapters that apply to the original base.
-                    self.lora_a_initial = self.add_weight(
-                        name="lora_a_initial",
-                        shape=a_shape,
-                        initializer="zeros",
-                        dtype="float32",
-                        trainable=False,
-                    )
-                    self.lora_b_initial = self.add_weight(
-                        name="lora_b_initial",
-                        shape=b_shape,
-                        initializer="zeros",
-                        dtype="float32",
-                        trainable=False,
-                    )
-            if self.lora_init is not None:
-                lora_init.initialize_layer(self)
-            if self.use_dora:
-                self.lora_magnitude = self.add_weight(
-                    name="lora_magnitude",
-                    shape=dora.magnitude_shape(self),
-                    initializer="zeros",
-                    dtype="float32",
-                    trainable=True,
-                )
-                dora.reset_magnitude(self)
-            self.lora_seed_generator = (
-                keras.random.SeedGenerator(name="lora_seed")
-                if self.dropout > 0
-                else None
-            )
-        finally:
-            if locked:
-                self._tracker.lock()
+        primary = self._lora_make_factors(self.lora_primary_adapter)
+        self._lora_set_adapters({primary.name: primary})
+        for variant in self.lora_variants:
+            variant.build(self)
 
+    @property
+    def lora_variants(self):
+        """The primary adapter's variants (`variant.py`), the update's last."""
+        return self.lora_primary_adapter.settings.variants
+
+    # The primary adapter's settings and factors under the names a
+    # single-adapter user knows (shared/DESIGN.md's stable names).
+    lora_a = property(lambda self: self.lora_primary_adapter.a)
+    lora_b = property(lambda self: self.lora_primary_adapter.b)
+    lora_seed_generator = property(
+        lambda self: self.lora_primary_adapter.seed_generator
+    )
+    rank = property(lambda self: self.lora_primary_adapter.rank)
+    alpha = property(lambda self: self.lora_primary_adapter.alpha)
+    _alpha_arg = property(lambda self: self.lora_primary_adapter.alpha_arg)
+    dropout = property(lambda self: self.lora_primary_adapter.dropout)
+    use_rslora = property(lambda self: self.lora_primary_adapter.use_rslora)
+    lora_scale = property(lambda self: self.lora_primary_adapter.scale)
+    a_initializer = property(
+        lambda self: self.lora_primary_adapter.settings.a_initializer
+    )
+    b_initializer = property(
+        lambda self: self.lora_primary_adapter.settings.b_initializer
+    )
+    use_dora = property(lambda self: self.lora_primary_adapter.settings.use_dora)
+    lora_init = property(lambda self: self.lora_primary_adapter.settings.init)
+
+    # Where the factors sit: a (d_in, d_out) kernel's layout (Dense,
+    # Embedding); the other layer types override these two.
     def _lora_layout(self):
-        """Returns (A shape, B shape, d_in, d_out). Subclasses define it."""
-        raise NotImplementedError
+        """Returns (A shape, B shape, d_in, d_out) of the primary adapter."""
+        d_in, d_out = quantized.kernel_shape(self)
+        return (d_in, self.rank), (self.rank, d_out), d_in, d_out
 
     @property
     def lora_merge_equation(self):
         """Einsum `"A,B->kernel"` that lays s·A·B out like the kernel."""
-        raise NotImplementedError
+        return "ir,ro->io"
 
     @property
     def lora_base_kernel(self):
@@ -163,10 +123,9 @@ class LoRALayer(ClassViewMixin, LoRAProtocol, AdapterSet, LoRASaving, LoRAConver
 
     def _lora_forward(self, base_call, inputs, training):
         outputs = self._lora_base_outputs(base_call, inputs, training)
-        if self.use_dora and self._lora_active is None:
-            outputs = dora.outputs(self, base_call, outputs, inputs, training)
-        elif self._lora_active is None:  # the primary adapter alone
-            outputs = low_rank.add(outputs, self._lora_delta(inputs, training))
+        if self._lora_active is None:  # the primary adapter alone
+            update = self._lora_primary_record.settings.variants[-1]
+            outputs = update.outputs(self, base_call, outputs, inputs, training)
         else:
             delta = self._lora_total_delta(inputs, training)
             if delta is not None:  # None: no adapter active on this layer
@@ -224,7 +183,8 @@ class LoRALayer(ClassViewMixin, LoRAProtocol, AdapterSet, LoRASaving, LoRAConver
         branch on. With dropout and a traced flag, both paths are computed and
         `where` picks one.
         """
-        dropout = adapter.dropout if adapter else self.dropout
+        adapter = adapter or self._lora_primary_record
+        dropout = adapter.dropout
         if not dropout or training is None or training is False:
             return x
         if training is not True and keras.backend.backend() == "jax":
@@ -237,8 +197,7 @@ class LoRALayer(ClassViewMixin, LoRAProtocol, AdapterSet, LoRASaving, LoRAConver
                 "`RematScope(mode='activations')`. "
                 f"Received: dropout={dropout}"
             )
-        seed = adapter.seed_generator if adapter else self.lora_seed_generator
-        dropped = keras.random.dropout(x, dropout, seed=seed)
+        dropped = keras.random.dropout(x, dropout, seed=adapter.seed_generator)
         if training is True:
             return dropped
         return ops.where(ops.cast(training, "bool"), dropped, x)
@@ -246,7 +205,8 @@ class LoRALayer(ClassViewMixin, LoRAProtocol, AdapterSet, LoRASaving, LoRAConver
     def _lora_factors(self, adapter=None):
         """The factors in the compute dtype (they are stored in float32)."""
         dtype = self.compute_dtype
-        a, b = (adapter.a, adapter.b) if adapter else (self.lora_a, self.lora_b)
+        adapter = adapter or self._lora_primary_record
+        a, b = adapter.a, adapter.b
         if a.dtype != dtype:
             return ops.cast(a, dtype), ops.cast(b, dtype)
         return a.value, b.value
@@ -257,7 +217,7 @@ class LoRALayer(ClassViewMixin, LoRAProtocol, AdapterSet, LoRASaving, LoRAConver
 
     def _lora_scale_of(self, adapter=None):
         """s of `adapter` (None: the primary adapter)."""
-        return adapter.scale if adapter else self.lora_scale
+        return (adapter or self._lora_primary_record).scale
 
     def merged_kernel(self, dtype=None):
         """Returns dequant(W) + s·ΔW for merge and export.
@@ -267,20 +227,12 @@ class LoRALayer(ClassViewMixin, LoRAProtocol, AdapterSet, LoRASaving, LoRAConver
         (re-quantize it with `quantized.twin`).
         """
         kernel = self._lora_float_kernel()
-        if self.use_dora:  # W' = m · (W + s·ΔW) / ‖W + s·ΔW‖
-            return dora.merged_kernel(self, kernel, dtype or kernel.dtype)
-        if self._lora_active is not None:  # named adapters: the active set
+        update = self.lora_variants[-1]
+        if self._lora_active is not None and update.additive:
+            # Named adapters: the active set.
             merged = ops.add(ops.cast(kernel, "float32"), self.lora_update())
             return ops.cast(merged, dtype or kernel.dtype)
-        merged = lora_math.merged_kernel(
-            kernel,
-            self.lora_a,
-            self.lora_b,
-            self.lora_merge_equation,
-            self.lora_scale,
-            dtype=dtype,
-        )
-        return merged
+        return update.merged_kernel(self, kernel, dtype)
 
     def _lora_float_kernel(self):
         """W: the base kernel, dequantized (float32) on a quantized base."""

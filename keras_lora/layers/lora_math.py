@@ -92,3 +92,15 @@ def merged_kernel(kernel, lora_a, lora_b, merge_equation, scale, dtype=None):
     )
     merged = ops.add(ops.cast(kernel, "float32"), ops.multiply(delta, scale))
     return ops.cast(merged, dtype or kernel.dtype)
+
+
+def layer_merged_kernel(layer, kernel, dtype=None):
+    """`merged_kernel` of a LoRA layer's primary adapter on `kernel`."""
+    return merged_kernel(
+        kernel,
+        layer.lora_a,
+        layer.lora_b,
+        layer.lora_merge_equation,
+        layer.lora_scale,
+        dtype=dtype,
+    )

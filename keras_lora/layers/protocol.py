@@ -5,6 +5,8 @@ through these methods only, never through its `_lora_*` members, so that a
 layer type (or how it stores its adapters) can change behind them.
 """
 
+from keras_lora.layers.lora_settings import LoRASettings
+
 
 class LoRAProtocol:
     """Mixin of `LoRALayer`: the public face of its private machinery."""
@@ -31,17 +33,60 @@ class LoRAProtocol:
         return self._lora_kernel_input_axes()
 
     @property
-    def lora_primary(self):
-        """The name of the adapter whose factors are `lora_a` / `lora_b`."""
-        return self._lora_primary
+    def lora_primary_is_named(self):
+        """False until the model names the primary adapter (a layer made by
+        its constructor, e.g. rebuilt from a saved config, is not named)."""
+        return self._lora_named
 
     def set_lora_primary(self, name):
-        """Renames the primary adapter (its variables keep their names)."""
-        self._lora_set("_lora_primary", name)
+        """Names the primary adapter (its variables keep their names)."""
+        adapters = list(self._lora_adapters.values())
+        first = adapters[0].replaced(name=name)
+        self._lora_set_adapters({a.name: a for a in [first, *adapters[1:]]})
+        self._lora_set("_lora_named", True)
 
     def set_lora_initializer(self, initializer):
         """Records how A started (what `get_config` writes)."""
-        self._lora_set("a_initializer", initializer)
+        primary, *rest = self._lora_adapters.values()
+        config = {**primary.settings.config(), "a_initializer": initializer}
+        primary = primary.replaced(settings=LoRASettings(**config))
+        self._lora_set_adapters({a.name: a for a in [primary, *rest]})
+
+    def lora_trained_variables(self):
+        """The primary adapter's trained variables: A, B and its variants'
+        (DoRA's magnitude)."""
+        extra = [v for x in self.lora_variants for v in x.trained_variables(self)]
+        return [self.lora_a, self.lora_b, *extra]
+
+    def lora_adapter_file_variables(self, name):
+        """{key: variable} an adapter file stores for adapter `name`: A and
+        B, and its variants' state (DoRA's magnitude)."""
+        adapter = self.lora_adapter(name)
+        stored = {"lora_a": adapter.a, "lora_b": adapter.b}
+        for variant in adapter.settings.variants:
+            stored.update(variant.adapter_file_variables(self))
+        return stored
+
+    def lora_base_swaps(self):
+        """[(variable, value)] under which the layer computes its base model
+        (`disable_lora`), as its variants say."""
+        for variant in self.lora_variants:
+            swaps = variant.base_swaps(self)
+            if swaps is not None:
+                return swaps
+        return []
+
+    @property
+    def lora_additive(self):
+        """False when the primary update cannot be weighted or summed
+        (DoRA): it runs at weight 1 or not at all."""
+        return self.lora_variants[-1].additive
+
+    @property
+    def lora_shares_layer(self):
+        """False when the primary adapter must be the layer's only one and
+        its base kernel unchanged for others (DoRA, PiSSA/OLoRA)."""
+        return all(variant.shares_layer for variant in self.lora_variants)
 
     def lora_example_state(self):
         """`(active pairs, ids variable)` of the per-example adapters state."""

@@ -9,17 +9,9 @@ import pytest
 import keras_lora
 from helpers import tiny_gpt2_backbone, to_numpy, token_batch
 from keras_lora import adapters
+from keras_lora.layers.lora_settings import LoRASettings
 
-_LORA_KEYS = (
-    "rank",
-    "alpha",
-    "dropout",
-    "use_rslora",
-    "a_initializer",
-    "b_initializer",
-    "use_dora",
-    "init",
-)
+_LORA_KEYS = LoRASettings.NAMES
 
 
 def _layers():
