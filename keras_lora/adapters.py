@@ -30,7 +30,7 @@ import numpy as np
 from keras_lora import (
     adapter_entries,
     atomic,
-    lora_init,
+    model_inits,
     model_paths,
     named_adapters,
     transform,
@@ -73,7 +73,7 @@ def save_adapter(model, filepath, name=None):
     name, spec = named_adapters.adapter_spec(model, name)
     entries = adapter_entries.adapter_variables(model, name)
     # PiSSA/OLoRA layers: written as rank-2r LoRA for the original base.
-    spec, entries = lora_init.for_original_base(model, spec, entries)
+    spec, entries = model_inits.for_original_base(model, spec, entries)
     packed, index = _pack(
         {
             key: keras.ops.convert_to_numpy(variable) if value is None else value

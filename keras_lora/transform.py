@@ -13,7 +13,7 @@ import inspect
 
 import keras
 
-from keras_lora import adapted_model, atomic, lora_init, spec_builder
+from keras_lora import adapted_model, atomic, lora_init, model_inits, spec_builder
 from keras_lora import targets as targets_lib
 from keras_lora.layers import quantized_backward
 from keras_lora.layers.lora_layer import LoRALayer
@@ -108,7 +108,7 @@ def enable_lora(
             "`keras_lora.merge_lora(model)` before adapting it again, or add a "
             "named adapter with `keras_lora.add_adapter`."
         )
-    lora_init.check_init(init)
+    model_inits.check_init(init)
     per_layer = {
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
@@ -125,13 +125,13 @@ def enable_lora(
         use_rslora=use_rslora,
         **per_layer,
     )
-    lora_init.check_residual_targets(model, spec)  # PiSSA/OLoRA: float kernels
+    model_inits.check_residual_targets(model, spec)  # PiSSA/OLoRA: float kernels
     by_path = layers_by_path(model)
     # PiSSA/OLoRA write the residual into the base kernels.
     written = [by_path[p].weights for p in spec["layers"] if per_layer["init"]]
     with atomic.all_or_nothing(model, [v for ws in written for v in ws]):
         apply_spec(model, spec)
-        lora_init.initialize(lora_layers(model), init)
+        model_inits.initialize(lora_layers(model), init)
     return model
 
 
