@@ -32,7 +32,7 @@ import keras
 import numpy as np
 
 from keras_lora import model_paths, raw_weights
-from keras_lora.interop import peft_config, peft_reading
+from keras_lora.interop import architectures, peft_config, peft_reading
 from keras_lora.interop.peft_config import STATE_PREFIX, WEIGHTS_FILE
 from keras_lora.layers import expert_bank
 from keras_lora.layers.expert_einsum import LoRAExpertEinsum
@@ -105,21 +105,12 @@ def load_plan(found, prefix, config, settings, matcher, context, unique_path):
     for name, module in context["experts"].items():
         full = prefix + name
         selected = [p for p in module.parameters if _selected(config, f"{full}.{p}")]
-        parts = found.get(full, {})
-        if sorted(parts) != list(range(len(selected))):
-            raise ValueError(
-                f"`target_parameters` selects {selected} of module '{full}', so "
-                f"{WEIGHTS_FILE} must hold {len(selected)} pair(s) of factors for "
-                f"it (nested `base_layer.` 0..{len(selected) - 1} deep). Received: "
-                f"depths {sorted(parts)}; target_parameters="
-                f"{config.get('target_parameters')!r}"
-            )
-        for index, parameter in enumerate(selected):
-            depth = len(selected) - 1 - index  # the last defined is outermost
+        pairs = _pairs(full, selected, found.get(full, {}), config)
+        for parameter, pair in pairs.items():
             plan.update(
                 _parameter_plan(
                     f"{full}.{parameter}",
-                    parts[depth],
+                    pair,
                     [
                         targets[(id(module.bank), a)]
                         for a in module.parameters[parameter]
@@ -130,6 +121,51 @@ def load_plan(found, prefix, config, settings, matcher, context, unique_path):
                 )
             )
     return plan
+
+
+def _pairs(full, selected, parts, config):
+    """{parameter: its factors} of one module, by PEFT's nesting: the
+    parameter defined last in the module is outermost (no `base_layer.`)."""
+    if sorted(parts) != list(range(len(selected))):
+        raise ValueError(
+            f"`target_parameters` selects {selected} of module '{full}', so "
+            f"{WEIGHTS_FILE} must hold {len(selected)} pair(s) of factors for "
+            f"it (nested `base_layer.` 0..{len(selected) - 1} deep). Received: "
+            f"depths {sorted(parts)}; target_parameters="
+            f"{config.get('target_parameters')!r}"
+        )
+    return {p: parts[len(selected) - 1 - i] for i, p in enumerate(selected)}
+
+
+def describe(tensors, config, matcher):
+    """The experts' factors of an adapter as `keras-lora inspect` shows them,
+    without a model: parameters in the order transformers 5 defines them.
+
+    Returns:
+        `(other tensors, [(parameter name, rank, alpha, {"a", "b"})])`.
+    """
+    orders = {}
+    for architecture in architectures.ARCHITECTURES:
+        for name, (_, parameters) in architecture.experts.items():
+            orders.setdefault(name, list(parameters))
+    rest, found = split_tensors(tensors, {"experts": orders})
+    rows = []
+    for module, parts in sorted(found.items()):
+        order = orders[max((n for n in orders if _ends_with(module, n)), key=len)]
+        selected = [p for p in order if _selected(config, f"{module}.{p}")]
+        for parameter, pair in _pairs(module, selected, parts, config).items():
+            full = f"{module}.{parameter}"
+            rank = peft_config.pattern_value(
+                config.get("rank_pattern"), full, config.get("r", 8), matcher=matcher
+            )
+            alpha = peft_config.pattern_value(
+                config.get("alpha_pattern"),
+                full,
+                config.get("lora_alpha", 8),
+                matcher=matcher,
+            )
+            rows.append((full, rank, alpha, pair))
+    return rest, rows
 
 
 def _parameter_plan(full, parts, weights, settings, matcher, unique_path):

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import keras_lora
+from keras_lora.commands import inspect_peft
 from keras_lora.interop import safetensors_io
 from keras_lora.layers.expert_einsum import LoRAExpertEinsum
 
@@ -225,6 +226,12 @@ def test_own_expert_factors_save_for_peft(tmp_path):
     np.testing.assert_allclose(
         peft_reference("mixtral", tmp_path / "own", ids), got, atol=TOLERANCE, rtol=0
     )
+    # `keras-lora inspect` names each parameter with its per-expert rank.
+    layers = inspect_peft.describe(str(tmp_path / "own"))["layers"]
+    assert [(x["path"], x["rank"], x["experts"]) for x in layers] == [
+        ("model.layers.0.mlp.experts.gate_up_proj", 5, 4),
+        ("model.layers.0.mlp.experts.down_proj", 2, 4),
+    ]
 
 
 def test_expert_adapters_that_cannot_be_represented_are_refused(tmp_path):
