@@ -64,11 +64,12 @@ class Architecture:
     experts: dict = dataclasses.field(default_factory=dict)
 
 
-_DECODER_MLP = {
-    "mlp.gate_proj": ("_feedforward_gate_dense",),
-    "mlp.up_proj": ("_feedforward_intermediate_dense",),
-    "mlp.down_proj": ("_feedforward_output_dense",),
+_DECODER_MLP_NAMES = {
+    "gate_proj": "_feedforward_gate_dense",
+    "up_proj": "_feedforward_intermediate_dense",
+    "down_proj": "_feedforward_output_dense",
 }
+_DECODER_MLP = {f"mlp.{p}": (dense,) for p, dense in _DECODER_MLP_NAMES.items()}
 _DECODER_ATTENTION = {
     "self_attn.q_proj": ("_self_attention_layer._query_dense",),
     "self_attn.k_proj": ("_self_attention_layer._key_dense",),
@@ -101,7 +102,7 @@ _ENCODER_BLOCK = {
 }
 
 
-def _moe(name, backbones, attention, bank, weights, unmapped=("mlp.gate",)):
+def _moe(name, backbones, attention, bank, weights, unmapped=("mlp.gate",), extra=None):
     """A decoder whose MLP is a mixture of experts (transformers 5 layout).
 
     transformers 5 keeps each block's experts as two raw parameters of
@@ -117,7 +118,8 @@ def _moe(name, backbones, attention, bank, weights, unmapped=("mlp.gate",)):
         block_modules={
             f"self_attn.{p}_proj": (f"{attention}{dense}_dense",)
             for p, dense in zip("qkvo", ("query", "key", "value", "output"))
-        },
+        }
+        | (extra or {}),
         top_modules={"embed_tokens": "token_embedding"},
         unmapped=("lm_head", "score", *unmapped),
         experts={"mlp.experts": (bank, weights)},
@@ -134,7 +136,7 @@ _MOE_WEIGHTS = {
         ),
         "down_proj": ("_expert_feedforward_output_dense",),
     },
-    "qwen3_moe": {
+    "qwen3_moe": {  # and Qwen-MoE (qwen2_moe)
         "gate_up_proj": ("_expert_feedforward_gate_dense",),
         "down_proj": ("_expert_feedforward_output_dense",),
     },
@@ -257,6 +259,22 @@ ARCHITECTURES = (
         "_self_attention_layer._",
         "mlp.expert_bank",
         _MOE_WEIGHTS["qwen3_moe"],
+    ),
+    _moe(
+        # Qwen-MoE: also a shared expert (a gated MLP) and its sigmoid gate.
+        "qwen2_moe",
+        ("QwenMoeBackbone",),
+        "_self_attention_layer.",
+        "mlp.expert_bank",
+        _MOE_WEIGHTS["qwen3_moe"],
+        extra={
+            "self_attn.o_proj": ("_self_attention_layer._output_dense",),
+            **{
+                f"mlp.shared_expert.{p}": (f"mlp.shared_expert_dense.{dense}",)
+                for p, dense in _DECODER_MLP_NAMES.items()
+            },
+            "mlp.shared_expert_gate": ("mlp.shared_expert_gate_dense",),
+        },
     ),
     _moe(
         "gpt_oss",

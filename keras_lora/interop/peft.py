@@ -59,8 +59,10 @@ def load_peft_adapter(model, path, name=None):
 
     Args:
         model: a built KerasHub backbone or task model (BERT, RoBERTa,
-            GPT-2, Llama, Mistral, Gemma, Gemma 2, Qwen2, Qwen3, ViT; see
-            `architectures.py`) without LoRA layers.
+            GPT-2, Llama, Mistral, Gemma, Gemma 2, Qwen2, Qwen3, ViT; Mixtral,
+            Qwen-MoE, Qwen3-MoE and GPT-OSS with PEFT's `target_parameters`
+            on their experts, see `peft_experts.py`; `architectures.py`)
+            without LoRA layers.
         path: a folder with `adapter_config.json` and
             `adapter_model.safetensors`.
         name: None, or a name to load the adapter under: onto a model with

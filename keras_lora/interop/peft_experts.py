@@ -2,7 +2,7 @@
 
 transformers 5 keeps a block's experts as raw parameters of one module
 (`mlp.experts.gate_up_proj` `(E, 2I, H)` and `down_proj` `(E, H, I)` for
-Mixtral and Qwen3-MoE; GPT-OSS stores them `(E, H, 2I)` and `(E, I, H)`,
+Mixtral, Qwen-MoE and Qwen3-MoE; GPT-OSS stores them `(E, H, 2I)` and `(E, I, H)`,
 transposed). PEFT adapts them with `LoraConfig(target_parameters=[...])`
 through `ParamWrapper` (peft 0.21, `tuners/lora/layer.py`), with one rank-r
 pair per expert, kept in two `nn.Linear` weights:
@@ -78,7 +78,8 @@ def load_plan(found, prefix, config, settings, matcher, context, unique_path):
         found, prefix: from `split_tensors` and `peft_reading.match_modules`.
         config, settings: the adapter config and its checked fields.
         matcher: a `patterns.BoundedMatcher` for the config's patterns.
-        context: what `peft._resolve` found (`"model"`, `"experts"`).
+        context: the model and its mapping, as `load_peft_adapter` found them
+            (`"model"`, `"architecture"`, `"experts"`).
         unique_path: `path_checker(model)`.
     """
     if found and (settings["lora_dropout"] or settings["use_dora"]):

@@ -1,6 +1,6 @@
 """PEFT `target_parameters` LoRA on mixture-of-experts experts, both ways.
 
-transformers 5 builds Mixtral, Qwen3-MoE and GPT-OSS with fused expert
+transformers 5 builds Mixtral, Qwen-MoE, Qwen3-MoE and GPT-OSS with fused expert
 parameters (`mlp.experts.gate_up_proj`, `down_proj`), which PEFT adapts with
 `LoraConfig(target_parameters=[...])`: one rank-r pair per expert. Tiny
 models (1 layer, 4 experts, hidden 16) are built here, converted base to base
@@ -38,7 +38,7 @@ from helpers import randomize_factors, to_numpy  # noqa: E402
 PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 EXPERT_WEIGHTS = ("gate", "intermediate", "output")  # Mixtral's bank
 # Expert LoRA layers per block: Mixtral keeps gate and up apart.
-EXPERT_LAYERS = {"mixtral": 3, "qwen3_moe": 2, "gpt_oss": 2}
+EXPERT_LAYERS = {"mixtral": 3, "qwen2_moe": 2, "qwen3_moe": 2, "gpt_oss": 2}
 
 
 def make_hf_moe(arch):
@@ -50,24 +50,32 @@ def make_hf_moe(arch):
         num_hidden_layers=1,
         num_attention_heads=2,
         num_key_value_heads=1,
-        num_local_experts=4,
         num_experts_per_tok=2,
         max_position_embeddings=64,
         tie_word_embeddings=False,
     )
-    if arch == "mixtral":
-        config, cls = (
-            transformers.MixtralConfig(**common, sliding_window=8),
-            (transformers.MixtralForCausalLM),
+    if arch == "qwen2_moe":  # a shared expert beside the routed ones
+        config = transformers.Qwen2MoeConfig(
+            **common,
+            num_experts=4,
+            moe_intermediate_size=8,
+            shared_expert_intermediate_size=8,
         )
+        cls = transformers.Qwen2MoeForCausalLM
+    elif arch == "mixtral":
+        config = transformers.MixtralConfig(
+            **common, num_local_experts=4, sliding_window=8
+        )
+        cls = transformers.MixtralForCausalLM
     elif arch == "qwen3_moe":
         config = transformers.Qwen3MoeConfig(
-            **common, head_dim=8, moe_intermediate_size=8
+            **common, num_local_experts=4, head_dim=8, moe_intermediate_size=8
         )
         cls = transformers.Qwen3MoeForCausalLM
     else:  # plain RoPE: KerasHub's converter does not read transformers 5's YaRN
         config = transformers.GptOssConfig(
             **common,
+            num_local_experts=4,
             head_dim=8,
             sliding_window=8,
             layer_types=["full_attention"],
@@ -92,7 +100,7 @@ def keras_backbone(arch, hf, folder):
         with open(config_file) as f:
             config = json.load(f)
         # KerasHub's Qwen3-MoE converter reads transformers 4's name.
-        config.setdefault("num_experts", config["num_local_experts"])
+        config.setdefault("num_experts", config.get("num_local_experts"))
         with open(config_file, "w") as f:
             json.dump(config, f)
         return keras_hub.models.Backbone.from_preset(str(folder))
@@ -166,7 +174,9 @@ def test_target_parameters_load_and_save_match_peft(arch, tmp_path):
         r=2,
         lora_alpha=4,
         init_lora_weights=False,
-        target_modules=["v_proj"],
+        # Qwen-MoE: its shared expert's up_proj too (elsewhere PEFT would take
+        # "up_proj" for the experts' transformers 4 name and refuse it).
+        target_modules=["v_proj", "up_proj"] if arch == "qwen2_moe" else ["v_proj"],
         target_parameters=PARAMETERS,
         rank_pattern={"down_proj": 3},  # per parameter, as PEFT reads it
     )
@@ -203,7 +213,8 @@ def test_target_parameters_load_and_save_match_peft(arch, tmp_path):
 
 def test_own_expert_factors_save_for_peft(tmp_path):
     """Mixtral's separate gate and up weights with their own factors (other
-    ranks and scales) become one gate_up_proj pair in PEFT, stacked."""
+    ranks and scales) become one gate_up_proj pair in PEFT, stacked; it loads
+    back beside them as a named adapter."""
     ids = token_ids()
     hf = make_hf_moe("mixtral")
     backbone = keras_backbone("mixtral", hf, tmp_path / "base")
@@ -226,6 +237,10 @@ def test_own_expert_factors_save_for_peft(tmp_path):
     np.testing.assert_allclose(
         peft_reference("mixtral", tmp_path / "own", ids), got, atol=TOLERANCE, rtol=0
     )
+    # Loaded back beside the adapter that wrote it: the same outputs.
+    keras_lora.load_peft_adapter(backbone, tmp_path / "own", name="peft")
+    keras_lora.set_adapter(backbone, "peft")
+    np.testing.assert_allclose(keras_hidden(backbone, ids), got, atol=1e-5, rtol=0)
     # `keras-lora inspect` names each parameter with its per-expert rank.
     layers = inspect_peft.describe(str(tmp_path / "own"))["layers"]
     assert [(x["path"], x["rank"], x["experts"]) for x in layers] == [
