@@ -86,7 +86,8 @@ def describe(path):
 def format_text(info):
     """The dict of `describe` as a few aligned lines."""
     lines = [f"{info['path']}: {info['format']}"]
-    for key in ("file_bytes", "model", "base_model", "task", "versions", "targets"):
+    keys = ("file_bytes", "model", "base_model", "task", "versions", "targets")
+    for key in (*keys, "target_parameters"):
         value = info.get(key)
         if value is None:
             continue
@@ -111,6 +112,8 @@ def format_text(info):
             shapes = ""
             if "a_shape" in layer:
                 shapes = f"  A {tuple(layer['a_shape'])}, B {tuple(layer['b_shape'])}"
+            if "experts" in layer:  # PEFT's `target_parameters`: per expert
+                shapes += f", {layer['experts']} experts"
             lines.append(
                 f"    {layer['path']:<{width}}  rank {layer['rank']:<3} alpha "
                 f"{_number(layer['alpha'])} (scale {_number(layer['scale'])})"

@@ -8,7 +8,7 @@ from keras_lora.patterns import BoundedMatcher
 
 def describe(path):
     # The readers `load_peft_adapter` uses: the same checks, the same errors.
-    from keras_lora.interop import peft_config, peft_reading
+    from keras_lora.interop import peft_config, peft_experts, peft_reading
 
     loaded = peft_reading.read_config(path)
     # The hardened reader (issue 10) returns (config, checked settings); the
@@ -17,11 +17,13 @@ def describe(path):
     if not isinstance(config, dict):
         raise ValueError(f"'{path}/{peft_config.CONFIG_FILE}' is not a JSON object.")
     tensors = peft_reading.read_weights(path)
-    grouped, saved = peft_reading.group_tensors(tensors, config)
     # PEFT's defaults (LoraConfig) for fields a config leaves out.
     default_alpha = config.get("lora_alpha", 8)
     # The file supplies both the patterns and the names: bounded matching.
     matcher = BoundedMatcher(os.path.join(path, peft_config.CONFIG_FILE))
+    # Mixture-of-experts parameters (`target_parameters`): one pair per expert.
+    tensors, experts = peft_experts.describe(tensors, config, matcher)
+    grouped, saved = peft_reading.group_tensors(tensors, config, not experts)
     layers = []
     for module, parts in sorted(grouped.items()):
         rank = parts["a"].shape[0]
@@ -38,8 +40,16 @@ def describe(path):
             use_dora=bool(config.get("use_dora")),
         )
         layers.append(entry)
+    for name, rank, alpha, pair in experts:
+        shapes = (pair["a"].shape, pair["b"].shape)  # (experts·r, in), (out, r·experts)
+        entry = layer_entry(
+            name, rank, alpha, config.get("use_rslora", False), 0.0, shapes
+        )
+        entry["experts"] = pair["a"].shape[0] // rank
+        layers.append(entry)
     # Factors and DoRA's magnitudes ("m").
     lora = sum(p[k].size for p in grouped.values() for k in ("a", "b", "m") if k in p)
+    lora += sum(pair[k].size for *_, pair in experts for k in pair)
     trained = [
         {"path": module, "parameters": int(sum(v.size for v in params.values()))}
         for module, params in sorted(saved.items())
@@ -54,6 +64,7 @@ def describe(path):
         "task": config.get("task_type"),
         "versions": {"peft": config.get("peft_version")},
         "targets": config.get("target_modules"),
+        "target_parameters": config.get("target_parameters"),
         "parameters": {"LoRA": int(lora), "trained layers": head, "total": lora + head},
         "layers": layers,
         "trained_layers": trained,

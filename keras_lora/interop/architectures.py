@@ -44,6 +44,11 @@ class Architecture:
         conv1d: whether the block modules are GPT-2 `Conv1D`s, whose
             weights are stored `(in_features, out_features)`.
         blocks: the backbone attribute chain of its list of blocks.
+        experts: mixture-of-experts modules inside a block, adapted by PEFT
+            through `target_parameters` (see `peft_experts.py`): module name
+            -> (attribute chain of the KerasHub expert bank, {parameter name,
+            in the module's definition order: the bank's weight attributes
+            it maps onto, its output features theirs, concatenated}).
     """
 
     name: str
@@ -56,13 +61,15 @@ class Architecture:
     heads: dict = dataclasses.field(default_factory=dict)
     conv1d: bool = False
     blocks: str = "transformer_layers"
+    experts: dict = dataclasses.field(default_factory=dict)
 
 
-_DECODER_MLP = {
-    "mlp.gate_proj": ("_feedforward_gate_dense",),
-    "mlp.up_proj": ("_feedforward_intermediate_dense",),
-    "mlp.down_proj": ("_feedforward_output_dense",),
+_DECODER_MLP_NAMES = {
+    "gate_proj": "_feedforward_gate_dense",
+    "up_proj": "_feedforward_intermediate_dense",
+    "down_proj": "_feedforward_output_dense",
 }
+_DECODER_MLP = {f"mlp.{p}": (dense,) for p, dense in _DECODER_MLP_NAMES.items()}
 _DECODER_ATTENTION = {
     "self_attn.q_proj": ("_self_attention_layer._query_dense",),
     "self_attn.k_proj": ("_self_attention_layer._key_dense",),
@@ -92,6 +99,49 @@ _ENCODER_BLOCK = {
     "attention.output.dense": ("_self_attention_layer._output_dense",),
     "intermediate.dense": ("_feedforward_intermediate_dense",),
     "output.dense": ("_feedforward_output_dense",),
+}
+
+
+def _moe(name, backbones, attention, bank, weights, unmapped=("mlp.gate",), extra=None):
+    """A decoder whose MLP is a mixture of experts (transformers 5 layout).
+
+    transformers 5 keeps each block's experts as two raw parameters of
+    `mlp.experts`, `gate_up_proj` and `down_proj` (defined in that order);
+    KerasHub's converters port them onto the bank's weights in `weights`.
+    The router is no `nn.Linear` there, so PEFT cannot target it as a module.
+    """
+    return Architecture(
+        name=name,
+        backbones=backbones,
+        task_prefix="model.",
+        block="layers.{i}",
+        block_modules={
+            f"self_attn.{p}_proj": (f"{attention}{dense}_dense",)
+            for p, dense in zip("qkvo", ("query", "key", "value", "output"))
+        }
+        | (extra or {}),
+        top_modules={"embed_tokens": "token_embedding"},
+        unmapped=("lm_head", "score", *unmapped),
+        experts={"mlp.experts": (bank, weights)},
+    )
+
+
+_MOE_WEIGHTS = {
+    # gate_up_proj (E, 2I, H) holds [gate; up]: Mixtral's bank keeps them
+    # apart (its converter's w1 and w3), Qwen3-MoE's as one (E, H, 2I).
+    "mixtral": {
+        "gate_up_proj": (
+            "_expert_feedforward_gate_dense",
+            "_expert_feedforward_intermediate_dense",
+        ),
+        "down_proj": ("_expert_feedforward_output_dense",),
+    },
+    "qwen3_moe": {  # and Qwen-MoE (qwen2_moe)
+        "gate_up_proj": ("_expert_feedforward_gate_dense",),
+        "down_proj": ("_expert_feedforward_output_dense",),
+    },
+    # GPT-OSS: (E, H, 2I), gate and up interleaved, on both sides.
+    "gpt_oss": {"gate_up_proj": ("gate_up_proj",), "down_proj": ("down_proj",)},
 }
 
 
@@ -196,6 +246,44 @@ ARCHITECTURES = (
         heads={"classifier": "output_dense"},
         blocks="vit_encoder.encoder_layers",
     ),
+    _moe(
+        "mixtral",
+        ("MixtralBackbone",),
+        "_self_attention_layer.",
+        "_sparse_moe_block.expert_bank",
+        _MOE_WEIGHTS["mixtral"],
+    ),
+    _moe(
+        "qwen3_moe",
+        ("Qwen3MoeBackbone",),
+        "_self_attention_layer._",
+        "mlp.expert_bank",
+        _MOE_WEIGHTS["qwen3_moe"],
+    ),
+    _moe(
+        # Qwen-MoE: also a shared expert (a gated MLP) and its sigmoid gate.
+        "qwen2_moe",
+        ("QwenMoeBackbone",),
+        "_self_attention_layer.",
+        "mlp.expert_bank",
+        _MOE_WEIGHTS["qwen3_moe"],
+        extra={
+            "self_attn.o_proj": ("_self_attention_layer._output_dense",),
+            **{
+                f"mlp.shared_expert.{p}": (f"mlp.shared_expert_dense.{dense}",)
+                for p, dense in _DECODER_MLP_NAMES.items()
+            },
+            "mlp.shared_expert_gate": ("mlp.shared_expert_gate_dense",),
+        },
+    ),
+    _moe(
+        "gpt_oss",
+        ("GptOssBackbone",),
+        "self_attention_layer.",
+        "sparse_moe_block.experts",
+        _MOE_WEIGHTS["gpt_oss"],
+        unmapped=("mlp.router",),
+    ),
 )
 
 
@@ -239,6 +327,35 @@ def modules(backbone, architecture):
         for name, chains in architecture.block_modules.items():
             layers = tuple(_attribute(block, chain) for chain in chains)
             found[f"{prefix}.{name}"] = Module(f"{prefix}.{name}", layers)
+    return found
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertModule:
+    """One transformers experts module and the KerasHub bank it maps onto."""
+
+    name: str  # relative to the transformers base model
+    bank: keras.layers.Layer
+    parameters: dict  # parameter name -> the bank's weight attributes
+
+
+def expert_modules(backbone, architecture):
+    """Every experts module of `backbone`: {base-relative name: ExpertModule}.
+
+    A block without the bank (a dense block of a model that mixes both)
+    has none.
+    """
+    found = {}
+    for i, block in enumerate(_attribute(backbone, architecture.blocks)):
+        prefix = architecture.block.format(i=i)
+        for name, (chain, parameters) in architecture.experts.items():
+            try:
+                bank = _attribute(block, chain)
+            except (AttributeError, ValueError):
+                continue
+            found[f"{prefix}.{name}"] = ExpertModule(
+                f"{prefix}.{name}", bank, parameters
+            )
     return found
 
 

@@ -22,7 +22,6 @@ import keras
 from keras_lora import (
     adapted_model,
     atomic,
-    model_paths,
     named_adapters,
     patterns,
     transform,
@@ -32,6 +31,7 @@ from keras_lora.interop import (
     factors,
     peft_config,
     peft_dora,
+    peft_experts,
     peft_reading,
     peft_writing,
 )
@@ -59,8 +59,10 @@ def load_peft_adapter(model, path, name=None):
 
     Args:
         model: a built KerasHub backbone or task model (BERT, RoBERTa,
-            GPT-2, Llama, Mistral, Gemma, Gemma 2, Qwen2, Qwen3, ViT; see
-            `architectures.py`) without LoRA layers.
+            GPT-2, Llama, Mistral, Gemma, Gemma 2, Qwen2, Qwen3, ViT; Mixtral,
+            Qwen-MoE, Qwen3-MoE and GPT-OSS with PEFT's `target_parameters`
+            on their experts, see `peft_experts.py`; `architectures.py`)
+            without LoRA layers.
         path: a folder with `adapter_config.json` and
             `adapter_model.safetensors`.
         name: None, or a name to load the adapter under: onto a model with
@@ -99,10 +101,12 @@ def load_peft_adapter(model, path, name=None):
     path = _check_path(path)
     config, settings = peft_reading.read_config(path)
     tensors = peft_reading.read_weights(path, model)
-    grouped, saved = peft_reading.group_tensors(tensors, config)
-    prefix, named = peft_reading.match_modules(grouped, context)
+    tensors, experts = peft_experts.split_tensors(tensors, context)
+    grouped, saved = peft_reading.group_tensors(tensors, config, not experts)
+    prefixes = peft_experts.prefixes(experts, context)
+    prefix, named = peft_reading.match_modules(grouped, context, prefixes)
     peft_reading.check_targets(config, prefix, named, context)
-    unique_path = model_paths.path_checker(model)
+    unique_path = peft_experts.path_checker(model)
     trained = peft_reading.saved_modules_plan(saved, prefix, context)
     plan = {}  # layer path -> (layer, lora config, A, B)
     # The folder supplies both the patterns and the names: bounded matching.
@@ -158,6 +162,11 @@ def load_peft_adapter(model, path, name=None):
                 layer_b,
                 None if magnitudes is None else magnitudes[index],
             )
+    plan.update(
+        peft_experts.load_plan(
+            experts, prefix, config, settings, matcher, context, unique_path
+        )
+    )
 
     spec = {
         "version": transform.SPEC_VERSION,
@@ -171,7 +180,8 @@ def load_peft_adapter(model, path, name=None):
             _load_beside(model, adapter_name, spec, plan, trained)
             return model
         transform.apply_spec(model, spec)
-        for layer, _, a, b, magnitude in plan.values():
+        for target, _, a, b, magnitude in plan.values():
+            layer = peft_experts.lora_layer(target)  # a raw weight's: new
             layer.lora_a.assign(a)
             layer.lora_b.assign(b)
             if magnitude is not None:
@@ -187,8 +197,8 @@ def load_peft_adapter(model, path, name=None):
 def _load_beside(model, name, spec, plan, trained):
     """Adds the planned adapter as `name` beside the model's other adapters."""
     named_adapters.add_spec(model, name, spec)
-    for layer, _, a, b, _ in plan.values():
-        adapter = layer.lora_adapter(name)
+    for target, _, a, b, _ in plan.values():
+        adapter = peft_experts.lora_layer(target).lora_adapter(name)
         adapter.a.assign(a)
         adapter.b.assign(b)
     stored = model._keras_lora_heads["stored"].setdefault(name, {})
@@ -264,7 +274,7 @@ def save_peft_adapter(model, path, module_prefix=None, name=None):
                 f"active: `keras_lora.set_adapter(model, {name!r})` first."
             )
         layers = [
-            _AdapterView(layer, layer.lora_adapter(name))
+            peft_writing.AdapterView(layer, layer.lora_adapter(name))
             for layer in layers
             if name in layer.lora_adapter_names
         ]
@@ -283,11 +293,14 @@ def save_peft_adapter(model, path, module_prefix=None, name=None):
             "`module_prefix` must be None, '' or a module name ending in '.'. "
             f"Received: module_prefix={module_prefix!r}"
         )
+    layers, experts = peft_experts.split_layers(layers)
     owner = {}
     for module in context["modules"].values():
         for index, layer in enumerate(module.layers):
             owner[id(layer)] = (module, index)
-    unmapped = [layer.path for layer in layers if _id(layer) not in owner]
+    unmapped = [
+        layer.path for layer in layers if peft_writing.layer_id(layer) not in owner
+    ]
     if unmapped:
         mappable = sorted(
             {layer.path for m in context["modules"].values() for layer in m.layers}
@@ -311,7 +324,7 @@ def save_peft_adapter(model, path, module_prefix=None, name=None):
         )
     by_module = collections.defaultdict(dict)
     for layer in layers:
-        module, index = owner[_id(layer)]
+        module, index = owner[peft_writing.layer_id(layer)]
         by_module[module.name][index] = layer
     records = {}
     tensors = {}
@@ -341,30 +354,14 @@ def save_peft_adapter(model, path, module_prefix=None, name=None):
     for name, values in saved.items():
         for parameter, value in values.items():
             tensors[f"{peft_config.STATE_PREFIX}{name}.{parameter}"] = value
-    config = peft_writing.write_config(records, context, module_prefix)
+    expert_tensors, parameters = peft_experts.save_tensors(
+        experts, context, module_prefix, use_dora
+    )
+    tensors.update(expert_tensors)
+    config = peft_writing.write_config(records, context, module_prefix, parameters)
     config["modules_to_save"] = sorted(saved) or None
     config["use_dora"] = use_dora
     return peft_writing.write_folder(path, config, tensors)
-
-
-def _id(layer):
-    """The id of a layer, or of the layer behind an `_AdapterView`."""
-    return id(layer.__dict__.get("_layer", layer))
-
-
-class _AdapterView:
-    """One named adapter of a layer, seen as the layer's own LoRA attributes
-    (what `peft_writing.fuse` reads)."""
-
-    def __init__(self, layer, adapter):
-        self._layer = layer
-        self.lora_a, self.lora_b = adapter.a, adapter.b
-        self.rank, self.alpha = adapter.rank, adapter.alpha
-        self.lora_scale, self.use_rslora = adapter.scale, adapter.use_rslora
-        self.dropout = adapter.dropout
-
-    def __getattr__(self, attribute):
-        return getattr(self._layer, attribute)
 
 
 def _check_path(path):
@@ -408,6 +405,7 @@ def _resolve(model):
         "backbone": backbone,
         "architecture": architecture,
         "modules": architectures.modules(backbone, architecture),
+        "experts": architectures.expert_modules(backbone, architecture),
         "is_task": backbone is not model,
     }
 

@@ -23,7 +23,6 @@ STATE_PREFIX = "base_model.model."
 UNSUPPORTED = {
     "lora_bias": "a trained bias on lora_B",
     "layer_replication": "layers duplicated from the base model",
-    "target_parameters": "LoRA on raw parameters (MoE experts)",
     "trainable_token_indices": "trainable rows of the embedding table",
     "alora_invocation_tokens": "activated LoRA (an update that starts at a token)",
     "use_qalora": "QA-LoRA (pooled inputs)",

@@ -98,6 +98,9 @@ def _check_selection(config, file):
             _regex(file, field, value, lambda x: x)
         elif value is not None:
             _strings(file, field, value)
+    # Matched as names, not regular expressions (`peft_experts.py`).
+    parameters = _optional(file, config, "target_parameters", list, "a list of names")
+    _strings(file, "target_parameters", parameters or [])
     saved = _optional(file, config, "modules_to_save", list, "a list of names")
     for index, name in enumerate(_strings(file, "modules_to_save", saved or [])):
         _regex(file, f"modules_to_save[{index}]", name, peft_config.saved_module_regex)

@@ -103,8 +103,8 @@ def read_weights(path, model=None):
     return {k: v.astype("float32") for k, v in tensors.items()}
 
 
-def group_tensors(tensors, config):
-    """Sorts the tensors by module.
+def group_tensors(tensors, config, required=True):
+    """Sorts the tensors by module (`required`: at least one LoRA module).
 
     Returns:
         `(grouped, saved)`: LoRA modules `{name: {"a", "b", "kind", "base"?,
@@ -151,15 +151,16 @@ def group_tensors(tensors, config):
                 f"Module '{name}' lacks its lora_{missing[0].upper()} factor in "
                 f"{WEIGHTS_FILE}."
             )
-    if not grouped:
+    if required and not grouped:
         raise ValueError(f"{WEIGHTS_FILE} holds no LoRA factor.")
     return grouped, saved
 
 
-def match_modules(grouped, context):
-    """Finds the common module-name prefix and each module's mapping."""
+def match_modules(grouped, context, prefixes=()):
+    """Finds the common module-name prefix and each module's mapping (with
+    `prefixes`, those of the experts' names, which must be the same)."""
     known = context["modules"]
-    prefixes, named, unknown = set(), {}, []
+    prefixes, named, unknown = set(prefixes), {}, []
     for full in grouped:
         matches = [n for n in known if full == n or full.endswith("." + n)]
         if not matches:

@@ -94,6 +94,26 @@ def fuse(module, adapted):
     return np.ascontiguousarray(a), np.ascontiguousarray(b), record
 
 
+def layer_id(layer):
+    """The id of a layer, or of the layer behind an `AdapterView`."""
+    return id(layer.__dict__.get("_layer", layer))
+
+
+class AdapterView:
+    """One named adapter of a layer, seen as the layer's own LoRA attributes
+    (what `fuse` reads)."""
+
+    def __init__(self, layer, adapter):
+        self._layer = layer
+        self.lora_a, self.lora_b = adapter.a, adapter.b
+        self.rank, self.alpha = adapter.rank, adapter.alpha
+        self.lora_scale, self.use_rslora = adapter.scale, adapter.use_rslora
+        self.dropout = adapter.dropout
+
+    def __getattr__(self, attribute):
+        return getattr(self._layer, attribute)
+
+
 def saved_tensors(model, train_layers, context, module_prefix):
     """`modules_to_save` tensors for the layers whose base weights train."""
     if not train_layers:
@@ -132,13 +152,18 @@ def saved_tensors(model, train_layers, context, module_prefix):
     return saved
 
 
-def write_config(records, context, module_prefix):
-    use_rslora = all(r["use_rslora"] for r in records.values())
-    alphas = {name: _alpha_for(r, use_rslora) for name, r in records.items()}
-    ranks = {name: r["rank"] for name, r in records.items()}
+def write_config(records, context, module_prefix, parameters=None):
+    """`adapter_config.json` of the module `records` and the expert
+    `parameters` records (`target_parameters`, see `peft_experts.py`)."""
+    parameters = parameters or {}
+    every = {**records, **parameters}
+    use_rslora = all(r["use_rslora"] for r in every.values())
+    alphas = {name: _alpha_for(r, use_rslora) for name, r in every.items()}
+    ranks = {name: r["rank"] for name, r in every.items()}
     rank = collections.Counter(ranks.values()).most_common(1)[0][0]
     alpha = collections.Counter(alphas.values()).most_common(1)[0][0]
-    dropouts = collections.Counter(r["dropout"] for r in records.values())
+    # PEFT refuses dropout with `target_parameters` (`peft_experts.py` warns).
+    dropouts = collections.Counter(r["dropout"] for r in every.values())
     architecture = context["architecture"]
     return {
         "peft_type": "LORA",
@@ -150,9 +175,13 @@ def write_config(records, context, module_prefix):
         "base_model_name_or_path": None,
         "r": rank,
         "lora_alpha": _json_number(alpha),
-        "lora_dropout": dropouts.most_common(1)[0][0],
+        "lora_dropout": 0.0 if parameters else dropouts.most_common(1)[0][0],
         "use_rslora": use_rslora,
         "target_modules": _target_modules(list(records), context, module_prefix),
+        "target_parameters": _target_parameters(
+            list(parameters), context, module_prefix
+        )
+        or None,
         "rank_pattern": {n: r for n, r in ranks.items() if r != rank},
         "alpha_pattern": {n: _json_number(a) for n, a in alphas.items() if a != alpha},
         "bias": "none",
@@ -249,6 +278,24 @@ def _target_modules(adapted, context, module_prefix):
     adapted modules (PEFT selects a module if its name ends in `.suffix`)."""
     every = [module_prefix + n for n in context["modules"]]
     every += [module_prefix + n for n in context["architecture"].unmapped]
+    return shortest_suffixes(adapted, every)
+
+
+def _target_parameters(adapted, context, module_prefix):
+    """Short `target_parameters`, by the same rule over the experts'
+    `<module>.<parameter>` names."""
+    every = [
+        f"{module_prefix}{name}.{parameter}"
+        for name, module in context["experts"].items()
+        for parameter in module.parameters
+    ]
+    return shortest_suffixes(adapted, every)
+
+
+def shortest_suffixes(adapted, every):
+    """For each name in `adapted`, its shortest dotted suffix that selects
+    names of `adapted` only among `every` (a name equal to it or ending in
+    `.suffix`); sorted, each once."""
     adapted_set = set(adapted)
     chosen = []
     for name in adapted:
