@@ -28,8 +28,9 @@ def saved_form(layer):
         a, b = (keras.ops.convert_to_numpy(v) for v in (layer.lora_a, layer.lora_b))
         return a.astype("float32"), b.astype("float32"), layer.rank, layer.alpha
     a, b = lora_init.original_base_factors(layer)
+    alpha_arg = layer.lora_primary_adapter.alpha_arg  # None: alpha = rank
     settings = lora_init.original_base_settings(
-        {"rank": layer.rank, "alpha": layer._alpha_arg, "use_rslora": layer.use_rslora}
+        {"rank": layer.rank, "alpha": alpha_arg, "use_rslora": layer.use_rslora}
     )
     alpha = (
         settings["alpha"] if settings["alpha"] is not None else float(2 * layer.rank)
