@@ -32,7 +32,7 @@ def demo_run(tmp_path_factory):
             "--pretrain-epochs",
             "0",
             "--epochs",
-            "2",
+            "3",
             "--sequence-length",
             "16",
             "--sample-length",
@@ -82,7 +82,7 @@ def test_demo_files_are_what_they_claim(demo_run):
 
 def test_demo_on_an_int8_base(tmp_path):
     out = tmp_path / "q"
-    argv = ["demo", "--out", str(out), "--quantize", "int8", "--epochs", "1"]
+    argv = ["demo", "--out", str(out), "--quantize", "int8", "--epochs", "2"]
     argv += ["--pretrain-epochs", "0", "--sequence-length", "16"]
     assert cli.main([*argv, "--sample-length", "8"]) == 0
     report = json.loads((out / "report.json").read_text())

@@ -23,7 +23,7 @@ from deploy_helpers import (
     run_artifact,
     skip_on_this_backend,
 )
-from helpers import randomize_factors, tiny_gpt2_causal_lm, to_numpy, token_batch
+from helpers import randomize_factors
 
 # (format, backend) -> why the live (unmerged) model does not export.
 LIVE_NOT = {
@@ -191,30 +191,6 @@ def test_one_artifact_serves_each_example_with_its_adapter(
     np.testing.assert_allclose(run_artifact(fmt, path, x, ids), expected, atol=1e-5)
     # The live model is as it was: adapter "b" alone.
     np.testing.assert_allclose(_expected(model, x), alone[1], atol=1e-6)
-
-
-def test_a_merged_keras_hub_task_reloads_from_its_preset_without_keras_lora(tmp_path):
-    keras_hub = pytest.importorskip("keras_hub")
-    lm = tiny_gpt2_causal_lm(num_layers=1)
-    base = str(tmp_path / "base")
-    lm.save_to_preset(base)  # the base model, as it is shared
-    keras_lora.enable_lora(lm, rank=2, targets="all-linear")
-    randomize_factors(lm)
-    x = token_batch(2)
-    expected = to_numpy(lm(x))
-    preset = str(tmp_path / "preset")
-    assert keras_lora.export_preset(lm, preset) == preset
-    again = keras_hub.models.GPT2CausalLM.from_preset(preset)
-    assert not keras_lora.lora_layers(again)
-    assert type(again) is keras_hub.models.GPT2CausalLM  # KerasHub's own class
-    np.testing.assert_allclose(to_numpy(again(x)), expected, atol=1e-5)
-    # An adapter next to the base preset: one call onto `from_preset(dir)`.
-    adapter = os.path.join(base, "adapter.keras")
-    keras_lora.save_adapter(lm, adapter)
-    task = keras_lora.load_adapter(
-        keras_hub.models.GPT2CausalLM.from_preset(base), adapter
-    )
-    np.testing.assert_allclose(to_numpy(task(x)), expected, atol=1e-5)
 
 
 def test_a_failed_export_leaves_the_old_artifact_and_nothing_else(model, tmp_path):

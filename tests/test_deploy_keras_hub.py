@@ -5,8 +5,11 @@ their default targets (query and value), each built once per module. Every
 (task, format, mode) exports once, runs in the format's own runtime and is
 compared with the live LoRA task: "live" the unmerged model (`merge=False`),
 "float" and "int8" `export_serving(..., quantize=None / "int8")`. A case that
-cannot work skips with the reason; docs/deploy.md has the table.
+cannot work skips with the reason; docs/deploy.md has the table. And the
+merged GPT-2 as a KerasHub preset (`export_preset`), loaded by KerasHub alone.
 """
+
+import os
 
 import keras
 import numpy as np
@@ -93,24 +96,27 @@ def _bert():
 
 
 @pytest.fixture(scope="module")
-def tasks():
-    """name -> (LoRA task, inputs, its outputs), each task built once."""
+def tasks(tmp_path_factory):
+    """name -> (LoRA task, inputs, its outputs, its base preset folder), each
+    task built once (its preset written before LoRA, as a base is shared)."""
     built = {}
 
     def get(name):
         if name not in built:
             task = {"gpt2": _gpt2, "bert": _bert}[name]()
+            base = str(tmp_path_factory.mktemp(name) / "base")
+            task.save_to_preset(base)
             x = token_batch(2)
             x["padding_mask"][1, -3:] = 0  # the mask input reaches the artifact
             if name == "bert":
                 x["segment_ids"] = np.zeros_like(x["token_ids"])
-            base = to_numpy(task(x)).reshape(-1)
+            plain = to_numpy(task(x)).reshape(-1)
             keras_lora.enable_lora(task, rank=2)  # default targets: query, value
             randomize_factors(task)
             expected = to_numpy(task(x)).reshape(-1)
             # The adapter matters: an artifact without it would be far off.
-            assert np.abs(expected - base).max() > 1e-3 * np.abs(expected).max()
-            built[name] = task, x, expected
+            assert np.abs(expected - plain).max() > 1e-3 * np.abs(expected).max()
+            built[name] = task, x, expected, base
         return built[name]
 
     return get
@@ -137,22 +143,30 @@ def _signature(x, fmt):
     ]
 
 
-# Every task's live model in every format. The merged model (format-free:
-# `export_serving`'s merge and reload, then the plain task's graph, which the
-# live artifact holds too) in each backend's main format, and GPT-2's float
-# also to ONNX; test_deploy.py exports both merged kinds to every format.
-# Cases that cannot work are kept: they skip with their reason.
-MAIN_FORMAT = {"jax": "tf_saved_model", "tensorflow": "tf_saved_model"}.get(
-    BACKEND, "torch"
-)
+# What runs, to keep the suite's time: GPT-2's live model in every format and
+# BERT's in ONNX and the backend's main format; the merged float model in the
+# main format (and GPT-2's in ONNX); int8 on TensorFlow. The merged model's
+# path to a file (`export_serving`'s merge and reload) is the same for every
+# format, its graph is part of the live one, and test_deploy.py exports both
+# merged kinds of a small model to every format. Cases that cannot work are all
+# kept (a skip costs nothing): each skips with its reason.
+MAIN_FORMAT = "torch" if BACKEND == "torch" else "tf_saved_model"
+
+
+def _runs(name, fmt, mode):
+    if mode == "live":
+        return name == "gpt2" or fmt in ("onnx", MAIN_FORMAT)
+    if mode == "float":
+        return fmt == MAIN_FORMAT or (name, fmt) == ("gpt2", "onnx")
+    return fmt == MAIN_FORMAT and BACKEND == "tensorflow"
+
+
 CASES = [
     (name, fmt, mode)
     for name in ("gpt2", "bert")
     for fmt in FORMATS
     for mode in MODES
-    if mode == "live"
-    or fmt == MAIN_FORMAT
-    or (name, fmt, mode) == ("gpt2", "onnx", "float")
+    if _runs(name, fmt, mode)
     or (fmt, BACKEND) in NOT_ON_BACKEND
     or _reason(name, fmt, mode) is not None
 ]
@@ -167,7 +181,7 @@ def test_a_keras_hub_task_exports_with_its_outputs(tasks, name, fmt, mode, tmp_p
     reason = _reason(name, fmt, mode)
     if reason is not None:
         pytest.skip(reason)
-    task, x, expected = tasks(name)
+    task, x, expected, _ = tasks(name)
     path = str(tmp_path / f"{name}{SUFFIX[fmt]}")
     keras_lora.export_serving(
         task,
@@ -186,3 +200,20 @@ def test_a_keras_hub_task_exports_with_its_outputs(tasks, name, fmt, mode, tmp_p
         assert np.abs(served - expected).max() > 0  # it is the int8 model
     else:
         np.testing.assert_allclose(served, expected, atol=1e-5 * scale, rtol=1e-5)
+
+
+def test_a_merged_task_reloads_from_its_preset_without_keras_lora(tasks, tmp_path):
+    lm, x, expected, base = tasks("gpt2")
+    preset = str(tmp_path / "preset")
+    assert keras_lora.export_preset(lm, preset) == preset
+    again = keras_hub.models.GPT2CausalLM.from_preset(preset)
+    assert not keras_lora.lora_layers(again)
+    assert type(again) is keras_hub.models.GPT2CausalLM  # KerasHub's own class
+    np.testing.assert_allclose(to_numpy(again(x)).reshape(-1), expected, atol=1e-5)
+    # An adapter next to the base preset: one call onto `from_preset(dir)`.
+    adapter = os.path.join(base, "adapter.keras")
+    keras_lora.save_adapter(lm, adapter)
+    task = keras_lora.load_adapter(
+        keras_hub.models.GPT2CausalLM.from_preset(base), adapter
+    )
+    np.testing.assert_allclose(to_numpy(task(x)).reshape(-1), expected, atol=1e-5)
