@@ -25,6 +25,8 @@ from deploy_helpers import (
 )
 from helpers import randomize_factors
 
+pytestmark = pytest.mark.usefixtures("no_openvino_telemetry")
+
 # (format, backend) -> why the live (unmerged) model does not export.
 LIVE_NOT = {
     ("openvino", "torch"): (

@@ -1,9 +1,9 @@
 """KerasHub tasks in the serving formats (issue 22, item 1(b)).
 
 A tiny `GPT2CausalLM` and `BertTextClassifier` built from configs, LoRA on
-their default targets (query and value), each built once per module. Every
-(task, format, mode) exports once, runs in the format's own runtime and is
-compared with the live LoRA task: "live" the unmerged model (`merge=False`),
+their default targets (query and value), each built once per module. Each
+(task, format, mode) case (CASES) exports once, runs in the format's own
+runtime and is compared with the live LoRA task: "live" the unmerged model (`merge=False`),
 "float" and "int8" `export_serving(..., quantize=None / "int8")`. A case that
 cannot work skips with the reason; docs/deploy.md has the table. And the
 merged GPT-2 as a KerasHub preset (`export_preset`), loaded by KerasHub alone.
@@ -28,6 +28,8 @@ from deploy_helpers import (
 from helpers import SEQ, VOCAB, randomize_factors, to_numpy, token_batch
 
 keras_hub = pytest.importorskip("keras_hub")
+
+pytestmark = pytest.mark.usefixtures("no_openvino_telemetry")
 
 MODES = ["live", "float", "int8"]
 
