@@ -35,8 +35,17 @@ from keras.src.quantizers.quantizers import dequantize_with_sz_map
 # same function. Not exported (3.15).
 from keras.src.utils.naming import to_snake_case
 
+# Keras's `compile` stores `_compiled_trainable_state` (a dict keyed by layer
+# objects) with attribute tracking off; set with tracking on, it becomes a
+# `TrackedDict`, whose torch pytree flattening sorts its keys and fails on
+# layers ("'<' not supported between instances of 'InputLayer' and ..."),
+# which breaks `torch.export` of the model. Keras's own scope, as `compile`
+# uses it. No public API (3.15).
+from keras.src.utils.tracking import DotNotTrackScope
+
 __all__ = [
     "AutocastScope",
+    "DotNotTrackScope",
     "dequantize_with_sz_map",
     "get_input_signature",
     "set_keras_mask",

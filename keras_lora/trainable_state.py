@@ -7,6 +7,7 @@ its place) and traced train/predict functions must be dropped.
 """
 
 from keras_lora import distributed_torch
+from keras_lora.keras_private import DotNotTrackScope
 from keras_lora.model_paths import relative_path, sublayers
 
 # Compiled functions that depend on which adapters are active but not on the
@@ -116,6 +117,9 @@ def accept_trainable_change(model, optimizer):
     ):
         # The optimizer was rebuilt for the new flags: Keras's "trainable
         # state has changed since compile" warning would be a false alarm.
-        model._compiled_trainable_state = {
-            layer: layer.trainable for layer in model._flatten_layers()
-        }
+        # Stored untracked, as Keras's `compile` stores it (a tracked dict
+        # keyed by layers breaks `torch.export`: docs/deploy.md).
+        with DotNotTrackScope():
+            model._compiled_trainable_state = {
+                layer: layer.trainable for layer in model._flatten_layers()
+            }

@@ -102,6 +102,14 @@ def _rss_mb():
     return pages * os.sysconf("SC_PAGE_SIZE") // 2**20
 
 
+@pytest.fixture
+def no_openvino_telemetry(monkeypatch):
+    """OpenVINO's converter sends telemetry, each event in a subprocess given
+    3 s: with no network every OpenVINO export waited about 3 s. Its opt-in
+    check declines in CI (`disable_in_ci`), which it reads from `CI`."""
+    monkeypatch.setenv("CI", "true")
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Runs a module's tests on one torch thread (a no-op on other backends)."""

@@ -1,11 +1,11 @@
 """Deployment (issue 22): LoRA models in the serving formats Keras exports.
 
-Each artifact is loaded with its format's own runtime (`onnxruntime`,
-`tf.saved_model.load`, `torch.export.load`, `tf.lite.Interpreter`, OpenVINO)
-and compared with the live LoRA model. One tiny model per module (Embedding, Conv2D, a multi-axis EinsumDense
-and a Dense, all adapted), so the cost is the exporters' own. Where Keras or a
-runtime cannot take a case, the test skips with the reason, as listed in
-docs/deploy.md.
+Each artifact is loaded with its format's own runtime (`deploy_helpers`) and
+compared with the live LoRA model. One tiny model per module (Embedding,
+Conv2D, a multi-axis EinsumDense and a Dense, all adapted), so the cost is the
+exporters' own. Where Keras or a runtime cannot take a case, the test skips
+with the reason, as listed in docs/deploy.md. KerasHub tasks:
+test_deploy_keras_hub.py.
 """
 
 import os
@@ -15,28 +15,18 @@ import numpy as np
 import pytest
 
 import keras_lora
-from helpers import randomize_factors, tiny_gpt2_causal_lm, to_numpy, token_batch
+from deploy_helpers import (
+    BACKEND,
+    FORMATS,
+    SUFFIX,
+    export_kwargs,
+    run_artifact,
+    skip_on_this_backend,
+)
+from helpers import randomize_factors
 
-BACKEND = keras.backend.backend()
+pytestmark = pytest.mark.usefixtures("no_openvino_telemetry")
 
-# (format, backend) -> why Keras cannot export it there (docs/deploy.md).
-NOT_ON_BACKEND = {
-    ("tf_saved_model", "torch"): (
-        "Keras exports a SavedModel from torch through torch_xla, whose wheels "
-        "pin their own torch release (not torch 2.13 CPU)"
-    ),
-    ("torch", "jax"): "Keras's `format='torch'` runs on the torch backend only",
-    ("torch", "tensorflow"): "Keras's `format='torch'` runs on the torch backend only",
-    ("litert", "jax"): "Keras's LiteRT export runs on TensorFlow and torch only",
-    ("litert", "torch"): (
-        "Keras's LiteRT export from torch needs litert-torch, which pins older "
-        "pydantic and typing_extensions: not in the test extras"
-    ),
-    ("openvino", "jax"): (
-        "OpenVINO's converter reports unconverted operations in Keras's jax2tf "
-        "graph (the plain merged model too)"
-    ),
-}
 # (format, backend) -> why the live (unmerged) model does not export.
 LIVE_NOT = {
     ("openvino", "torch"): (
@@ -66,36 +56,17 @@ INT8_NOT = {
         "plain int8 model: 'Graphs differed across invocations'"
     ),
 }
-FORMATS = ["onnx", "tf_saved_model", "torch", "litert", "openvino"]
-SUFFIX = {
-    "onnx": ".onnx",
-    "tf_saved_model": "",
-    "torch": ".pt2",
-    "litert": ".tflite",
-    "openvino": ".xml",
-}
-RUNTIME = {"onnx": "onnxruntime", "openvino": "openvino"}
-
-
-def export_kwargs(fmt):
-    """A free batch size: Keras's torch export fixes it to 1 unless told."""
-    if fmt != "torch":
-        return {}
-    import torch
-
-    return {"dynamic_shapes": {0: torch.export.Dim("batch", min=1, max=64)}}
 
 
 def _skip_unless_supported(fmt, quantize=None, live=False):
-    reason = NOT_ON_BACKEND.get((fmt, BACKEND))
-    if reason is None and quantize == "int8":
+    skip_on_this_backend(fmt)
+    reason = None
+    if quantize == "int8":
         reason = INT8_NOT.get((fmt, BACKEND))
     if reason is None and live:
         reason = LIVE_NOT.get((fmt, BACKEND))
     if reason is not None:
         pytest.skip(reason)
-    if fmt in RUNTIME:
-        pytest.importorskip(RUNTIME[fmt])
 
 
 def _lora_model():
@@ -122,45 +93,6 @@ def model():
 
 def _tokens(batch=3, seed=0):
     return np.random.default_rng(seed).integers(0, 20, (batch, 5)).astype("int32")
-
-
-def run_artifact(fmt, path, *inputs):
-    """The artifact's outputs for `inputs`, computed by the format's runtime."""
-    if fmt == "onnx":
-        import onnxruntime
-
-        session = onnxruntime.InferenceSession(path)
-        names = [i.name for i in session.get_inputs()]
-        return session.run(None, dict(zip(names, inputs)))[0]
-    if fmt == "tf_saved_model":
-        import tensorflow as tf
-
-        loaded = tf.saved_model.load(path)  # kept: its variables die with it
-        return loaded.serve(*inputs).numpy()
-    if fmt == "litert":
-        import tensorflow as tf
-
-        interpreter = tf.lite.Interpreter(model_path=path)
-        details = interpreter.get_input_details()
-        for detail, value in zip(details, inputs):
-            interpreter.resize_tensor_input(detail["index"], value.shape)
-        interpreter.allocate_tensors()
-        for detail, value in zip(details, inputs):
-            interpreter.set_tensor(detail["index"], value)
-        interpreter.invoke()
-        return interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
-    if fmt == "openvino":
-        import openvino
-
-        # float32 arithmetic (OpenVINO's CPU default on bf16-capable CPUs is bf16).
-        compiled = openvino.Core().compile_model(
-            path, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}
-        )
-        return compiled(list(inputs))[compiled.output(0)]
-    import torch
-
-    program = torch.export.load(path)
-    return program.module()(*map(torch.as_tensor, inputs)).detach().numpy()
 
 
 def _expected(model, x):
@@ -261,29 +193,6 @@ def test_one_artifact_serves_each_example_with_its_adapter(
     np.testing.assert_allclose(run_artifact(fmt, path, x, ids), expected, atol=1e-5)
     # The live model is as it was: adapter "b" alone.
     np.testing.assert_allclose(_expected(model, x), alone[1], atol=1e-6)
-
-
-def test_a_merged_keras_hub_task_reloads_from_its_preset_without_keras_lora(tmp_path):
-    keras_hub = pytest.importorskip("keras_hub")
-    lm = tiny_gpt2_causal_lm(num_layers=1)
-    base = str(tmp_path / "base")
-    lm.save_to_preset(base)  # the base model, as it is shared
-    keras_lora.enable_lora(lm, rank=2, targets="all-linear")
-    randomize_factors(lm)
-    x = token_batch(2)
-    preset = str(tmp_path / "preset")
-    assert keras_lora.export_preset(lm, preset) == preset
-    again = keras_hub.models.GPT2CausalLM.from_preset(preset)
-    assert not keras_lora.lora_layers(again)
-    assert type(again) is keras_hub.models.GPT2CausalLM  # KerasHub's own class
-    np.testing.assert_allclose(to_numpy(again(x)), to_numpy(lm(x)), atol=1e-5)
-    # An adapter next to the base preset: one call onto `from_preset(dir)`.
-    adapter = os.path.join(base, "adapter.keras")
-    keras_lora.save_adapter(lm, adapter)
-    task = keras_lora.load_adapter(
-        keras_hub.models.GPT2CausalLM.from_preset(base), adapter
-    )
-    np.testing.assert_allclose(to_numpy(task(x)), to_numpy(lm(x)), atol=1e-5)
 
 
 def test_a_failed_export_leaves_the_old_artifact_and_nothing_else(model, tmp_path):

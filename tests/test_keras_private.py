@@ -116,3 +116,17 @@ def test_an_unnamed_layer_is_named_by_to_snake_case():
     assert snake == "mixtral_sparse_moe_block"
     names = [MixtralSparseMoeBlock().name for _ in range(2)]
     assert all(re.fullmatch(snake + r"(_\d+)?", name) for name in names), names
+
+
+def test_an_attribute_set_in_dot_not_track_scope_is_no_tracked_dict():
+    """What `trainable_state` relies on: a dict keyed by layers set inside the
+    scope is not made a Keras `TrackedDict` (which `torch.export` cannot
+    flatten), as Keras's `compile` stores its own."""
+    from keras.src.utils.tracking import TrackedDict
+
+    model = keras.Sequential([keras.layers.Dense(2)])
+    model.tracked = {model: True}
+    with keras_private.DotNotTrackScope():
+        model.untracked = {model: True}
+    assert isinstance(model.tracked, TrackedDict)  # Keras's default
+    assert not isinstance(model.untracked, TrackedDict)
