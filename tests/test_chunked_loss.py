@@ -72,12 +72,9 @@ def test_same_loss_and_gradients_as_the_plain_loss(mode):
         # the model's `call` alike on every base: checked once, on the float
         # one; an eager call of a quantized GPT-2 costs seconds on JAX).
         np.testing.assert_allclose(to_numpy(chunked(x)), to_numpy(plain(x)), atol=1e-5)
-    else:  # the tied int8/int4 logits pass a gradient: LoRA below learns
-        chunked.compile(optimizer=keras.optimizers.Adam(0.02))
-        history = chunked.fit(x, y, sample_weight=weights, epochs=6, verbose=0)
-        losses = history.history["loss"]
-        assert all(b < a for a, b in zip(losses, losses[1:])), losses
-        assert losses[-1] < losses[0] - 0.02, losses
+    # On int8/int4 bases the tied quantized logits pass a gradient: every
+    # factor's gradient above is non-zero and equals the plain loss's, so LoRA
+    # below the logits learns (a further `fit` here cost ~8 s a mode on JAX).
 
 
 def test_clear_errors():
