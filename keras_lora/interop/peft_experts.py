@@ -32,7 +32,7 @@ import keras
 import numpy as np
 
 from keras_lora import model_paths, raw_weights
-from keras_lora.interop import architectures, peft_config, peft_reading
+from keras_lora.interop import architectures, peft_config, peft_reading, peft_writing
 from keras_lora.interop.peft_config import STATE_PREFIX, WEIGHTS_FILE
 from keras_lora.layers import expert_bank
 from keras_lora.layers.expert_einsum import LoRAExpertEinsum
@@ -227,7 +227,8 @@ def path_checker(model):
 
 def split_layers(layers):
     """`(module layers, expert layers)` of a model's LoRA layers (or views)."""
-    experts = [x for x in layers if isinstance(_unwrapped(x), LoRAExpertEinsum)]
+    unwrapped = peft_writing.unwrapped
+    experts = [x for x in layers if isinstance(unwrapped(x), LoRAExpertEinsum)]
     return [x for x in layers if x not in experts], experts
 
 
@@ -374,10 +375,6 @@ def _variable(target):
         if isinstance(target, raw_weights.RawWeight)
         else target.lora_base_kernel
     )
-
-
-def _unwrapped(layer):
-    return layer.__dict__.get("_layer", layer)
 
 
 def _numpy(variable):

@@ -95,9 +95,14 @@ def fuse(module, adapted):
     return np.ascontiguousarray(a), np.ascontiguousarray(b), record
 
 
+def unwrapped(layer):
+    """A layer, or the layer behind an `AdapterView`."""
+    return layer.__dict__.get("_layer", layer)
+
+
 def layer_id(layer):
     """The id of a layer, or of the layer behind an `AdapterView`."""
-    return id(layer.__dict__.get("_layer", layer))
+    return id(unwrapped(layer))
 
 
 class AdapterView:

@@ -125,6 +125,11 @@ class AdapterSet:
         self._lora_set("_lora_adapters", dict(adapters))
         self._lora_set("_lora_primary_record", next(iter(adapters.values())))
 
+    def _lora_replace_primary(self, adapter):
+        """Puts `adapter` (a new primary record) first in place of the old."""
+        _, *rest = self._lora_adapters.values()
+        self._lora_set_adapters({a.name: a for a in [adapter, *rest]})
+
     def _lora_make_factors(self, adapter):
         """Adds `adapter`'s factor variables (and dropout seed) to the layer.
 
@@ -140,8 +145,7 @@ class AdapterSet:
         groups = self._lora_group_count()
         a_shape = (*a_shape[:-1], adapter.rank)
         b_shape = (*b_shape[:groups], adapter.rank, *b_shape[groups + 1 :])
-        primary = not self._lora_adapters or adapter.name == self.lora_primary
-        suffix = "" if primary else f"_{adapter.name}"
+        suffix = "" if adapter.name == self.lora_primary else f"_{adapter.name}"
         settings = adapter.settings
         with self._lora_unlocked(), layouts.factor_layouts(self):
             a = self._lora_add_float32(

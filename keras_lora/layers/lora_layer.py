@@ -63,8 +63,7 @@ class LoRALayer(ClassViewMixin, LoRAProtocol, AdapterSet, LoRASaving, LoRAConver
         quantized.check_mode(self.quantization_mode, self.name)
         for variable in self.weights:
             variable.trainable = False
-        primary = self._lora_make_factors(self.lora_primary_adapter)
-        self._lora_set_adapters({primary.name: primary})
+        self._lora_replace_primary(self._lora_make_factors(self.lora_primary_adapter))
         for variant in self.lora_variants:
             variant.build(self)
 

@@ -40,17 +40,14 @@ class LoRAProtocol:
 
     def set_lora_primary(self, name):
         """Names the primary adapter (its variables keep their names)."""
-        adapters = list(self._lora_adapters.values())
-        first = adapters[0].replaced(name=name)
-        self._lora_set_adapters({a.name: a for a in [first, *adapters[1:]]})
+        self._lora_replace_primary(self.lora_primary_adapter.replaced(name=name))
         self._lora_set("_lora_named", True)
 
     def set_lora_initializer(self, initializer):
         """Records how A started (what `get_config` writes)."""
-        primary, *rest = self._lora_adapters.values()
+        primary = self.lora_primary_adapter
         config = {**primary.settings.config(), "a_initializer": initializer}
-        primary = primary.replaced(settings=LoRASettings(**config))
-        self._lora_set_adapters({a.name: a for a in [primary, *rest]})
+        self._lora_replace_primary(primary.replaced(settings=LoRASettings(**config)))
 
     def lora_trained_variables(self):
         """The primary adapter's trained variables: A, B and its variants'
@@ -69,12 +66,9 @@ class LoRAProtocol:
 
     def lora_base_swaps(self):
         """[(variable, value)] under which the layer computes its base model
-        (`disable_lora`), as its variants say."""
-        for variant in self.lora_variants:
-            swaps = variant.base_swaps(self)
-            if swaps is not None:
-                return swaps
-        return []
+        (`disable_lora`): its first variant's (a changed start, if any, comes
+        first and knows the base it changed)."""
+        return self.lora_variants[0].base_swaps(self)
 
     @property
     def lora_additive(self):

@@ -50,7 +50,7 @@ class LoRAVariant:
 
     def base_swaps(self, layer):
         """[(variable, value)] under which the layer computes its base
-        (`disable_lora`); the first variant that gives a list wins.
+        (`disable_lora`); the layer's first variant answers.
 
         The plain update: every adapter's B at zero."""
         return [
