@@ -52,7 +52,16 @@ def active_adapters(model):
     return [(names[0], 1.0)] if active is None else list(active)
 
 
-def add_adapter(model, name, **options):
+def add_adapter(
+    model,
+    name,
+    rank=8,
+    alpha=None,
+    targets=None,
+    dropout=0.0,
+    train_layers=None,
+    **options,
+):
     """Adds a named LoRA adapter to a model, beside any it already has.
 
     On a model without LoRA this is `enable_lora` under another name, and the
@@ -63,11 +72,11 @@ def add_adapter(model, name, **options):
     Args:
         model: a built Keras model.
         name: a new adapter name: 1-64 letters, digits or underscores.
-        **options: `enable_lora`'s arguments (`rank`, `alpha`, `targets`,
-            `dropout`, `train_layers`, `use_rslora`, `rank_pattern`,
-            `alpha_pattern`; not `use_dora` or `init`, whose adapters are a
-            layer's only one), by keyword; `targets` may select layers other
-            adapters adapt.
+        rank, alpha, targets, dropout, train_layers: as in `enable_lora`;
+            `targets` may select layers other adapters adapt.
+        **options: `enable_lora`'s other arguments (`use_rslora`,
+            `rank_pattern`, `alpha_pattern`; not `use_dora` or `init`, whose
+            adapters are a layer's only one), checked against its signature.
 
     Returns:
         The same model.
@@ -81,6 +90,8 @@ def add_adapter(model, name, **options):
     """
     check_adapter_name(name)
     transform.check_model(model)
+    named = {"rank": rank, "alpha": alpha, "targets": targets, "dropout": dropout}
+    options = {**named, "train_layers": train_layers, **options}
     options = transform.adapter_options(options, "add_adapter")
     if not list_adapters(model):
         spec = spec_builder.build_spec(model, **options)

@@ -35,3 +35,26 @@ def test_layers_all_lists_every_lora_layer_class():
 def test_the_public_names_are_bound_without_globals_update():
     source = inspect.getsource(keras_lora)
     assert "globals().update" not in source
+
+
+def test_shared_design_signatures_take_their_arguments_by_position():
+    # shared/DESIGN.md's stable signatures: `LoRADense(units, rank, alpha,
+    # dropout, use_rslora, ...)`, `add_adapter(model, name, rank, alpha,
+    # targets, dropout, train_layers, ...)`.
+    import keras
+
+    for layer in (
+        keras_lora.LoRADense(4, 2, 4.0, 0.1, True),
+        keras_lora.LoRAEinsumDense("ab,bc->ac", (4,), 2, 4.0, 0.1, True),
+        keras_lora.LoRAEmbedding(10, 4, 2, 4.0, 0.1, True),
+    ):
+        assert (layer.rank, layer.alpha, layer.dropout, layer.use_rslora) == (
+            2,
+            4.0,
+            0.1,
+            True,
+        )
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4, name="d")])
+    keras_lora.add_adapter(model, "a", 2, 4.0, ["d"], 0.1)
+    layer = model.get_layer("d")
+    assert (layer.rank, layer.alpha, layer.dropout) == (2, 4.0, 0.1)

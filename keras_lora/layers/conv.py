@@ -44,8 +44,17 @@ def _check_groups(groups, name):
 class _LoRAConv(LoRALayer):
     """What the three convolution classes share."""
 
-    def __init__(self, filters, kernel_size, rank=8, alpha=None, **kwargs):
-        settings = self.lora_settings_from(kwargs, rank=rank, alpha=alpha)
+    def __init__(
+        self,
+        filters,
+        kernel_size,
+        rank=8,
+        alpha=None,
+        dropout=0.0,
+        use_rslora=False,
+        **kwargs,
+    ):
+        settings = self.lora_settings_from(kwargs, rank, alpha, dropout, use_rslora)
         super().__init__(filters, kernel_size, **kwargs)
         _check_groups(self.groups, self.name)
         self._init_lora(settings)
@@ -142,9 +151,11 @@ _DOC = """{base} layer with a frozen kernel and a trainable rank-r update.
             `min(prod(kernel_size) * in_channels, filters)`).
         alpha: positive float or None; the update is scaled by `alpha / rank`.
             Defaults to `rank` (scale 1).
-        **kwargs: the other LoRA settings (`dropout`, `use_dora`, ...: see
-            `keras_lora.layers.lora_settings`) and any `keras.layers.{base}`
-            argument (`strides`, `padding`, `dilation_rate`, `activation`, ...).
+        dropout, use_rslora: as in `keras_lora.layers.lora_settings`.
+        **kwargs: the other LoRA settings (`use_dora`, `init`, the
+            initializers: see `keras_lora.layers.lora_settings`) and any
+            `keras.layers.{base}` argument (`strides`, `padding`, `activation`,
+            ...).
 
     Example:
 

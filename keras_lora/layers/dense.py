@@ -29,10 +29,11 @@ class LoRADense(LoRALayer, keras.layers.Dense):
             `min(d_in, units)`).
         alpha: positive float or None; the update is scaled by `alpha / rank`.
             Defaults to `rank` (scale 1).
-        **kwargs: the other LoRA settings (`dropout`, `use_rslora`,
-            `a_initializer`, `b_initializer`, `use_dora`, `init`: see
-            `keras_lora.layers.lora_settings`) and any `keras.layers.Dense`
-            argument (`activation`, `use_bias`, `name`, `dtype`, ...).
+        dropout, use_rslora: as in `keras_lora.layers.lora_settings`.
+        **kwargs: the other LoRA settings (`a_initializer`, `b_initializer`,
+            `use_dora`, `init`: see `keras_lora.layers.lora_settings`) and any
+            `keras.layers.Dense` argument (`activation`, `use_bias`, `name`,
+            `dtype`, ...).
 
     Example:
 
@@ -44,8 +45,10 @@ class LoRADense(LoRALayer, keras.layers.Dense):
 
     _lora_base = keras.layers.Dense
 
-    def __init__(self, units, rank=8, alpha=None, **kwargs):
-        settings = self.lora_settings_from(kwargs, rank=rank, alpha=alpha)
+    def __init__(
+        self, units, rank=8, alpha=None, dropout=0.0, use_rslora=False, **kwargs
+    ):
+        settings = self.lora_settings_from(kwargs, rank, alpha, dropout, use_rslora)
         super().__init__(units, **kwargs)
         self._init_lora(settings)
 

@@ -109,9 +109,10 @@ class LoRAEinsumDense(LoRALayer, keras.layers.EinsumDense):
         output_shape: the output shape, as for `EinsumDense`.
         rank: positive int, at most `min(d_in, d_out)` of the flattened axes.
         alpha: positive float or None (defaults to `rank`); scale alpha/rank.
-        **kwargs: the other LoRA settings (`dropout`, `use_dora`, ...: see
-            `keras_lora.layers.lora_settings`) and any `EinsumDense` argument
-            (`bias_axes`, `activation`, ...).
+        dropout, use_rslora: as in `keras_lora.layers.lora_settings`.
+        **kwargs: the other LoRA settings (`use_dora`, `init`, the
+            initializers: see `keras_lora.layers.lora_settings`) and any
+            `EinsumDense` argument (`bias_axes`, `activation`, ...).
 
     Example:
 
@@ -126,9 +127,18 @@ class LoRAEinsumDense(LoRALayer, keras.layers.EinsumDense):
 
     _lora_base = keras.layers.EinsumDense
 
-    def __init__(self, equation, output_shape, rank=8, alpha=None, **kwargs):
+    def __init__(
+        self,
+        equation,
+        output_shape,
+        rank=8,
+        alpha=None,
+        dropout=0.0,
+        use_rslora=False,
+        **kwargs,
+    ):
         split_einsum_equation(equation)  # fail early on an unsupported equation
-        settings = self.lora_settings_from(kwargs, rank=rank, alpha=alpha)
+        settings = self.lora_settings_from(kwargs, rank, alpha, dropout, use_rslora)
         super().__init__(equation, output_shape, **kwargs)
         self._init_lora(settings)
 

@@ -24,8 +24,17 @@ class _LoRALookup(LoRALayer):
         "b_initializer": EMBEDDING_B_INITIALIZER,
     }
 
-    def __init__(self, input_dim, output_dim, rank=8, alpha=None, **kwargs):
-        settings = self.lora_settings_from(kwargs, rank=rank, alpha=alpha)
+    def __init__(
+        self,
+        input_dim,
+        output_dim,
+        rank=8,
+        alpha=None,
+        dropout=0.0,
+        use_rslora=False,
+        **kwargs,
+    ):
+        settings = self.lora_settings_from(kwargs, rank, alpha, dropout, use_rslora)
         super().__init__(input_dim, output_dim, **kwargs)
         self._init_lora(settings)
 
@@ -75,9 +84,9 @@ class LoRAEmbedding(_LoRALookup, keras.layers.Embedding):
         output_dim: int, embedding size.
         rank: positive int, at most `min(input_dim, output_dim)`.
         alpha: positive float or None (defaults to `rank`).
-        **kwargs: the other LoRA settings (`dropout`, `use_rslora`, and the
-            initializers, whose defaults here are A zeros and B normal with
-            stddev 1: see `keras_lora.layers.lora_settings`) and any
+        dropout, use_rslora: as in `keras_lora.layers.lora_settings`.
+        **kwargs: the initializers (defaults here: A zeros, B normal with
+            stddev 1; see `keras_lora.layers.lora_settings`) and any
             `keras.layers.Embedding` argument.
 
     Example:

@@ -38,11 +38,13 @@ class LoRALayer(ClassViewMixin, LoRAProtocol, AdapterSet, LoRASaving, LoRAConver
     _lora_base = None
     _lora_kernel_attr = "_kernel"
 
-    def lora_settings_from(self, kwargs, **given):
-        """The LoRA settings in a constructor's `kwargs` (taken out of it),
-        over this layer type's defaults; see `LoRASettings`."""
-        defaults = self.lora_default_settings
-        return LoRASettings.pop_from(kwargs, defaults, **given)
+    def lora_settings_from(self, kwargs, *named):
+        """The LoRA settings of a constructor: the ones it names (`rank`,
+        `alpha`, `dropout`, `use_rslora`, in that order, as shared/DESIGN.md's
+        signatures give them) and the rest from its `kwargs` (taken out of
+        it), over this layer type's defaults; see `LoRASettings`."""
+        given = dict(zip(LoRASettings.NAMES, named))
+        return LoRASettings.pop_from(kwargs, self.lora_default_settings, **given)
 
     def _init_lora(self, settings):
         """Records the primary adapter's settings (a dict of `LoRASettings`)."""
